@@ -1,0 +1,1 @@
+"""slotsweep dashboards: sweep reports built from MLflow data."""

@@ -1,0 +1,1 @@
+"""slotsweep orchestrator: the `slotsweep` command, sweeps on Ray Tune, MLflow runs."""
