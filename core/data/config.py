@@ -1,0 +1,103 @@
+"""The ``dataset`` section of the config: where clips come from and how they are shaped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from core.data import layout
+from core.errors import ConfigError
+
+FORMATS = ("saycam", "folders")
+VAL_CLIP_MODES = ("all", "first")
+RESIZE_MODES = ("crop", "stretch")
+CHECK_MODES = ("first", "all", "none")
+
+
+@dataclass
+class DatasetConfig:
+    """Data settings (the seed's ``dataset:`` block plus what a loader needs to be exact).
+
+    ``format: saycam`` reads ``<json_dir>/<split>.json`` index files whose frame paths are relative
+    to ``img_dir`` (and mask paths to ``mask_dir``); see :mod:`core.data.layout`.
+    ``format: folders`` reads any folder of videos: every sub-folder of ``img_dir`` holding image
+    files is one video (frames in natural name order); masks, when ``mask_dir`` is set, are PNG id
+    maps at ``<mask_dir>/<video>/<frame stem>.png``. If ``img_dir`` has ``train/`` and ``val/``
+    sub-folders they are the splits, otherwise ``val_fraction`` of the videos (chosen by a stable
+    hash of their names) form the validation split.
+    """
+
+    format: str = "saycam"
+    json_dir: str | None = None
+    img_dir: str | None = None
+    mask_dir: str | None = None
+    train_split: str = layout.TRAIN_SPLIT
+    val_split: str = layout.VAL_SPLIT
+    img_size: int = 224
+    ep_length: int = 8
+    batch_size: int = 16
+    val_batch_size: int | None = None
+    num_workers: int = 4
+    val_clips: str = "all"
+    resize: str = "crop"
+    check_images: str = "first"
+    val_fraction: float = 0.1
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values (one line, naming the key)."""
+        choices = {
+            "format": FORMATS,
+            "val_clips": VAL_CLIP_MODES,
+            "resize": RESIZE_MODES,
+            "check_images": CHECK_MODES,
+        }
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(
+                    f"dataset.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}"
+                )
+        positive = ("img_size", "ep_length", "batch_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"dataset.{key} must be >= 1, got {getattr(self, key)}")
+        if self.val_batch_size is not None and self.val_batch_size < 1:
+            raise ConfigError(f"dataset.val_batch_size must be >= 1, got {self.val_batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"dataset.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"dataset.{key} needs 3 values (R, G, B), got {list(value)}")
+
+
+def resolve_paths(cfg: DatasetConfig, data_dir: str | Path | None = None) -> DatasetConfig:
+    """Return a copy whose directories are absolute.
+
+    Relative ``json_dir`` / ``img_dir`` / ``mask_dir`` are taken relative to ``data_dir`` (the
+    ``--data-dir`` flag; default: the current directory). Unset ones default to the layout of
+    :mod:`core.data.layout` under ``data_dir``: ``json/``, ``frames/`` and, when it exists,
+    ``masks/``. For ``format: folders`` an unset ``img_dir`` is ``data_dir`` itself.
+    """
+    root = Path(data_dir).expanduser() if data_dir is not None else Path.cwd()
+
+    def absolute(value: str | None, default: str | None) -> str | None:
+        if value is None:
+            return None if default is None else str((root / default).resolve())
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (root / path).resolve())
+
+    if cfg.format == "folders":
+        img_dir = absolute(cfg.img_dir, ".")
+        json_dir = absolute(cfg.json_dir, None)
+    else:
+        img_dir = absolute(cfg.img_dir, layout.FRAMES_DIRNAME)
+        json_dir = absolute(cfg.json_dir, layout.JSON_DIRNAME)
+    default_masks = layout.MASKS_DIRNAME if (root / layout.MASKS_DIRNAME).is_dir() else None
+    if cfg.format == "folders":
+        default_masks = None
+    mask_dir = absolute(cfg.mask_dir, default_masks)
+    return replace(cfg, json_dir=json_dir, img_dir=img_dir, mask_dir=mask_dir)

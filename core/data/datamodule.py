@@ -1,0 +1,142 @@
+"""The Lightning DataModule: records -> checked -> clip datasets -> seeded, pinned loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from core.data.clips import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, RandomClipSampler
+from core.data.config import DatasetConfig
+from core.data.records import VideoRecord, check_records, read_index, scan_folders
+from core.errors import ConfigError
+
+# silicon-menagerie checkpoints (dino_*, mugs_*, mae_*) were trained with ImageNet statistics.
+_MENAGERIE_PREFIXES = ("dino_", "mugs_", "mae_", "vqgan_")
+
+
+def backbone_normalization(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the backbone was trained with, read from timm's pretrained config.
+
+    silicon-menagerie models (``dino_say_vitb14`` ...) are not in timm's registry; they use
+    ImageNet statistics. ``None`` (a random-weight backbone) also gets ImageNet statistics.
+    """
+    if name is None or name.startswith(_MENAGERIE_PREFIXES):
+        return IMAGENET_MEAN, IMAGENET_STD
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        try:
+            from timm.models import get_arch_name
+
+            cfg = get_pretrained_cfg(get_arch_name(name))
+        except (RuntimeError, ValueError):  # pragma: no cover - depends on timm's registry
+            cfg = None
+    if cfg is None:
+        raise ConfigError(
+            f"backbone {name!r} is unknown to timm: set dataset.mean and dataset.std explicitly"
+        )
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def load_records(cfg: DatasetConfig, split: str) -> list[VideoRecord]:
+    """The videos of one split, checked so that training cannot fail on them later."""
+    if cfg.format == "folders":
+        records = scan_folders(cfg.img_dir, split, cfg.mask_dir, cfg.val_fraction, cfg.val_split)
+        where = f"{cfg.img_dir}"
+    else:
+        records = read_index(cfg.json_dir, split, cfg.img_dir, cfg.mask_dir)
+        where = f"{cfg.json_dir}/{split}.json"
+    check_records(records, cfg.ep_length, split, where, cfg.check_images)
+    return records
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class VideoDataModule(pl.LightningDataModule):
+    """Train / val loaders for a :class:`DatasetConfig` whose paths are already resolved.
+
+    ``seed`` fixes the order and the random clips of every epoch; workers are seeded from it.
+    ``normalization`` defaults to the config's ``mean``/``std``, else ImageNet statistics.
+    """
+
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        seed: int = 0,
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        pin_memory: bool | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.seed = seed
+        mean, std = normalization or (IMAGENET_MEAN, IMAGENET_STD)
+        self.mean = tuple(cfg.mean) if cfg.mean is not None else tuple(mean)
+        self.std = tuple(cfg.std) if cfg.std is not None else tuple(std)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.batch_size = batch_size or cfg.batch_size
+        self.train_set: ClipDataset | None = None
+        self.val_set: ClipDataset | None = None
+
+    def _dataset(self, split: str, train: bool) -> ClipDataset:
+        cfg = self.cfg
+        return ClipDataset(
+            load_records(cfg, split),
+            cfg.ep_length,
+            cfg.img_size,
+            self.mean,
+            self.std,
+            train=train,
+            val_clips=cfg.val_clips,
+            resize=cfg.resize,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check both splits (fails fast, before any step, on bad data)."""
+        if self.train_set is None and stage in (None, "fit"):
+            self.train_set = self._dataset(self.cfg.train_split, train=True)
+        if self.val_set is None:
+            self.val_set = self._dataset(self.cfg.val_split, train=False)
+
+    def _loader(self, dataset: ClipDataset, batch_size: int, train: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        sampler = None
+        if train:
+            lengths = [len(r) for r in dataset.records]
+            sampler = RandomClipSampler(lengths, self.cfg.ep_length, self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size if train else min(batch_size, len(dataset)),
+            sampler=sampler,
+            drop_last=train and len(dataset) >= batch_size,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        assert self.val_set is not None
+        return self._loader(self.val_set, self.cfg.val_batch_size or self.batch_size, train=False)
