@@ -86,6 +86,7 @@ class RandomClipSampler(Sampler):
         self.ep_length = ep_length
         self.seed = seed
         self.epoch = 0
+        self.skip = 0  # items of this epoch already consumed before a resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -98,7 +99,8 @@ class RandomClipSampler(Sampler):
         order = torch.randperm(len(self.lengths), generator=generator)
         highs = (self.lengths[order] - self.ep_length + 1).double()
         starts = (torch.rand(len(order), generator=generator, dtype=torch.float64) * highs).long()
-        return iter(zip(order.tolist(), starts.tolist(), strict=True))
+        skip, self.skip = self.skip, 0
+        return iter(list(zip(order.tolist(), starts.tolist(), strict=True))[skip:])
 
 
 class ClipDataset(Dataset):

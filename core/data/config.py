@@ -15,6 +15,21 @@ CHECK_MODES = ("first", "all", "none")
 
 
 @dataclass
+class SyntheticDataConfig:
+    """Generated videos (``slotsweep make-data synthetic``) that a run makes itself if missing."""
+
+    videos: int = 64
+    frames: int = 8
+    size: int = 64
+    seed: int = 0
+    val_fraction: float = 0.25
+    min_objects: int = 2
+    max_objects: int = 6
+    digits: bool = False
+    textured_background: bool = False
+
+
+@dataclass
 class DatasetConfig:
     """Data settings (the seed's ``dataset:`` block plus what a loader needs to be exact).
 
@@ -25,6 +40,10 @@ class DatasetConfig:
     maps at ``<mask_dir>/<video>/<frame stem>.png``. If ``img_dir`` has ``train/`` and ``val/``
     sub-folders they are the splits, otherwise ``val_fraction`` of the videos (chosen by a stable
     hash of their names) form the validation split.
+
+    ``synthetic``: when set, the run generates these videos once (into ``--data-dir``, or a
+    cache folder named after the settings) if the index files are missing, then reads them like
+    any other dataset.
     """
 
     format: str = "saycam"
@@ -44,6 +63,7 @@ class DatasetConfig:
     val_fraction: float = 0.1
     mean: list[float] | None = None
     std: list[float] | None = None
+    synthetic: SyntheticDataConfig | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values (one line, naming the key)."""

@@ -64,6 +64,35 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch: Lightning saves :meth:`state_dict` in checkpoints and
+    hands it back on ``--continue``, so the batches after a resume are the ones a straight run
+    would have seen (with :class:`RandomClipSampler`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip_batches = 0
+
+    def __iter__(self):
+        sampler = self.sampler
+        skip, self._skip_batches = self._skip_batches, 0
+        if skip and isinstance(sampler, RandomClipSampler):
+            sampler.skip = skip * (self.batch_size or 1)
+        self._yielded = skip
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, RandomClipSampler):
+            self.sampler.set_epoch(int(state.get("epoch", 0)))
+            self._skip_batches = int(state.get("batches", 0))
+
+
 class VideoDataModule(pl.LightningDataModule):
     """Train / val loaders for a :class:`DatasetConfig` whose paths are already resolved.
 
@@ -117,7 +146,8 @@ class VideoDataModule(pl.LightningDataModule):
         if train:
             lengths = [len(r) for r in dataset.records]
             sampler = RandomClipSampler(lengths, self.cfg.ep_length, self.seed)
-        return DataLoader(
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size if train else min(batch_size, len(dataset)),
             sampler=sampler,

@@ -1,0 +1,29 @@
+"""Typed run configuration: schema defaults + YAML differences + ``key=value`` overrides."""
+
+from core.config.load import (
+    RESOLVED_CONFIG_NAME,
+    compose,
+    config_to_yaml,
+    find_config,
+    flatten,
+    load_config,
+    parse_override,
+    save_config,
+    to_config,
+    validate,
+)
+from core.config.schema import Config
+
+__all__ = [
+    "RESOLVED_CONFIG_NAME",
+    "Config",
+    "compose",
+    "config_to_yaml",
+    "find_config",
+    "flatten",
+    "load_config",
+    "parse_override",
+    "save_config",
+    "to_config",
+    "validate",
+]
