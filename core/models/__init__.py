@@ -1,0 +1,1 @@
+"""Model components: encoder, projection, initializers, slot attention, predictor, decoder."""
