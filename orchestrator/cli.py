@@ -98,12 +98,28 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from core.train import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from core.train import build_parser as build_train_parser
+
     parser = argparse.ArgumentParser(
         prog="slotsweep",
         description="Train slot-attention video models and sweep their hyperparameters.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser(
+        "train", help="train one model (the seed's train_integrated.py)",
+        description="Train one model. Overrides are dotted keys: globals.NUM_SLOTS=10, "
+        "grouper.n_iters=5, losses.loss_ss.temperature=0.05, trainer.precision=16.",
+    )
+    build_train_parser(train)
+    train.set_defaults(func=_cmd_train)
 
     make = sub.add_parser("make-data", help="write a generated dataset to disk")
     make_sub = make.add_subparsers(dest="kind", metavar="KIND", required=True)
@@ -138,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slotsweep`` console script."""
+    from core.train import parse_args
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return int(args.func(args))
     except SlotsweepError as exc:

@@ -48,7 +48,7 @@ def find_config(path: str | Path) -> Path:
 
 def _leaf_keys(node: Any, prefix: str = "") -> Iterator[str]:
     if isinstance(node, DictConfig):
-        for key in node.keys():
+        for key in node:
             child = node._get_node(key)  # no interpolation resolution while walking
             path = f"{prefix}{key}"
             yield path
@@ -220,7 +220,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, DictConfig):
-            for key in node.keys():
+            for key in node:
                 walk(node[key], f"{prefix}{key}.")
         elif isinstance(node, ListConfig):
             out[prefix[:-1]] = OmegaConf.to_container(node)

@@ -1,0 +1,111 @@
+"""Callbacks of every run: slot visualisations, RNG state in checkpoints, the config beside them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.config import Config, config_to_yaml
+
+CONFIG_KEY = "slotsweep_config"  # the resolved config (YAML text) inside every checkpoint
+VISUALS_DIRNAME = "visualizations"
+_PALETTE = torch.tensor([
+    [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+    [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+    [170, 255, 195],
+], dtype=torch.float32) / 255.0  # fmt: skip
+
+
+def slot_grid(
+    video: torch.Tensor, masks: torch.Tensor, mean: tuple, std: tuple
+) -> torch.Tensor:
+    """One image (3, H', W') of a clip: row 1 frames, rows 2..K+1 each slot's mask applied to the
+    frames, last row the frames overlaid with each pixel's argmax slot colour.
+
+    ``video``: (T, 3, H, W) normalised; ``masks``: (T, K, h, w) soft masks.
+    """
+    T, _, H, W = video.shape
+    K = masks.shape[1]
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    frames = (video.float() * s + m).clamp(0, 1)
+    up = F.interpolate(masks.float(), size=(H, W), mode="bilinear", align_corners=False)
+    per_slot = frames.unsqueeze(1) * up.unsqueeze(2)  # (T, K, 3, H, W)
+    colours = _PALETTE[torch.arange(K) % len(_PALETTE)]  # (K, 3)
+    seg = colours[up.argmax(dim=1)].permute(0, 3, 1, 2)  # (T, 3, H, W)
+    overlay = 0.5 * frames + 0.5 * seg
+    rows = [frames, *per_slot.unbind(1), overlay]  # each (T, 3, H, W)
+    pad = 2
+    grid = torch.ones(3, len(rows) * (H + pad) + pad, T * (W + pad) + pad)
+    for r, row in enumerate(rows):
+        for t in range(T):
+            y, x = pad + r * (H + pad), pad + t * (W + pad)
+            grid[:, y : y + H, x : x + W] = row[t]
+    return grid
+
+
+class SlotVisualizer(pl.Callback):
+    """Every ``every`` steps, after validation: frames, per-slot masks and overlays to TensorBoard
+    (``val/slots``) and to ``<run_dir>/visualizations/step=N.png``."""
+
+    def __init__(self, run_dir: str | Path, every: int, mean: tuple, std: tuple) -> None:
+        self.dir = Path(run_dir) / VISUALS_DIRNAME
+        self.every, self.mean, self.std = every, mean, std
+        self._last_step = -1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        visual = getattr(pl_module, "last_visual", None)
+        if trainer.sanity_checking or visual is None or not trainer.is_global_zero:
+            return
+        if step == self._last_step or (step % self.every and step != trainer.max_steps):
+            return
+        self._last_step = step
+        grid = slot_grid(visual["video"], visual["masks"], self.mean, self.std)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("val/slots", grid, global_step=step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(self.dir / f"step={step}.png")
+
+
+class RunStateCallback(pl.Callback):
+    """Puts the resolved config and the RNG states into every checkpoint, restores the RNGs on
+    resume (so a resumed run draws what a straight run would)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.yaml = config_to_yaml(cfg)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CONFIG_KEY] = self.yaml
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [int(version), list(internal), gauss_next],
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("rng")
+        if state:
+            torch.set_rng_state(state["torch"])
+            keys, pos, has_gauss, cached = state["numpy"]
+            keys = np.array(keys, dtype=np.uint32)
+            np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
+            version, internal, gauss_next = state["python"]
+            random.setstate((version, tuple(internal), gauss_next))

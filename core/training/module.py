@@ -1,0 +1,201 @@
+"""The LightningModule: one model, weighted losses, validation FG-ARI / mBO, AdamW with warm-up."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from core.config import Config
+from core.data.clips import MASKS_KEY, VIDEO_KEY
+from core.errors import SlotsweepError
+from core.metrics import METRIC_ARI, METRIC_MBO, VideoARI, VideoIoU
+from core.models.build import build_losses, build_model
+from core.models.video import ATTN_MASKS, DECODER_MASKS
+
+TRAIN_LOSS = "train/loss"
+VAL_LOSS = "val/loss"
+TRAIN_LR = "train/lr"
+
+
+def train_loss_key(name: str) -> str:
+    """``loss_featrec`` -> ``train/loss/featrec`` (the seed's names, namespaced)."""
+    return f"{TRAIN_LOSS}/{name.removeprefix('loss_')}"
+
+
+def val_metric_key(name: str) -> str:
+    """``ari`` -> ``val/ari``."""
+    return f"val/{name}"
+
+
+assert val_metric_key("ari") == METRIC_ARI and val_metric_key("mbo") == METRIC_MBO
+
+_ADVICE = (
+    "reduce the learning rate (optimizer.lr=0.0001), raise gradient clipping "
+    "(trainer.gradient_clip_val=0.1), check the data for invalid values"
+)
+
+
+class NonFiniteLossError(SlotsweepError):
+    """A loss term became NaN or infinite; training stops before the optimizer step."""
+
+    def __init__(self, step: int, term: str, value: float) -> None:
+        self.step, self.term, self.value = step, term, value
+        super().__init__(f"loss {term} became {value} at step {step}: {_ADVICE}")
+
+
+def lr_lambda(step: int, warmup: int, decay: str, decay_rate: float, decay_steps: int) -> float:
+    """Linear warm-up to 1, then exponential (``decay_rate`` per ``decay_steps``) or cosine."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    after = max(0, step - warmup)
+    if decay == "exponential":
+        factor *= decay_rate ** (after / decay_steps)
+    elif decay == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, after / decay_steps)))
+    return factor
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Trainable parameters grouped by the first matching regex (``optimizer.param_groups``).
+
+    ``model.encoder.learning_rate`` is a group ``encoder\\..*`` ahead of the others. Parameters no
+    regex matches use ``optimizer.lr``. Names are the model's own (``grouper.gru.weight_ih``).
+    """
+    opt = cfg.optimizer
+    rules: list[tuple[str, float | None, float | None]] = []
+    if cfg.model.encoder.learning_rate is not None:
+        rules.append((r"encoder\.", cfg.model.encoder.learning_rate, None))
+    rules += [(g.regex, g.lr, g.weight_decay) for g in opt.param_groups]
+    buckets: list[list[Tensor]] = [[] for _ in range(len(rules) + 1)]
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        index = next((i for i, r in enumerate(rules) if re.match(r[0], name)), len(rules))
+        buckets[index].append(param)
+    groups = []
+    for (regex, lr, wd), params in zip([*rules, (None, None, None)], buckets, strict=True):
+        if params:
+            groups.append({
+                "params": params,
+                "lr": opt.lr if lr is None else lr,
+                "weight_decay": opt.weight_decay if wd is None else wd,
+                "name": regex or "default",
+            })
+    return groups
+
+
+class SlotModule(pl.LightningModule):
+    """Trains :class:`core.models.video.SlotVideoModel` as the config says."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.losses = build_losses(cfg)
+        self.weights = {k: float(w) for k, w in cfg.model.loss_weights.items() if w > 0}
+        self.metrics = {
+            name: VideoARI(m.ignore_background)
+            if m.name == "VideoARI"
+            else VideoIoU(m.matching or "overlap", m.ignore_background)
+            for name, m in cfg.val_metrics.items()
+        }
+        self._val_loss = [0.0, 0]
+        self.last_visual: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: dict) -> dict:
+        return self.model(batch)
+
+    def _losses(self, outputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = {name: self.losses[name](outputs) for name in self.weights}
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        return total, terms  # type: ignore[return-value]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        outputs = self.model(batch)
+        total, terms = self._losses(outputs)
+        values = torch.stack([total, *terms.values()]).detach()
+        if not bool(torch.isfinite(values).all()):  # one host sync; stops before the update
+            bad = next((n for n, v in terms.items() if not torch.isfinite(v)), "total")
+            raise NonFiniteLossError(self.global_step, bad, float(terms.get(bad, total).detach()))
+        batch_size = batch[next(iter(batch))].shape[0]
+        self.log(TRAIN_LOSS, total, prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            self.log(train_loss_key(name), value, batch_size=batch_size)
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None else None
+        if optimizer is not None:  # lr of the default group (the last one)
+            self.log(TRAIN_LR, optimizer.param_groups[-1]["lr"], batch_size=batch_size)
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self._val_loss = [0.0, 0]
+        self.last_visual = None
+
+    def _masks(self, outputs: dict) -> Tensor:
+        key = DECODER_MASKS if self.cfg.model.mask_source == "decoder" else ATTN_MASKS
+        masks = outputs[key]  # (B, T, K, P)
+        h, w = self.model.grid_size
+        return masks.unflatten(-1, (h, w)).float()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        outputs = self.model(batch)
+        total, _ = self._losses(outputs)
+        n = batch[VIDEO_KEY].shape[0] if VIDEO_KEY in batch else 1
+        self._val_loss[0] += float(total) * n
+        self._val_loss[1] += n
+        if MASKS_KEY in batch:
+            masks = self._masks(outputs)
+            for metric in self.metrics.values():
+                metric.update(masks, batch[MASKS_KEY])
+            if batch_idx == 0 and VIDEO_KEY in batch:
+                self.last_visual = {"video": batch[VIDEO_KEY][0].cpu(), "masks": masks[0].cpu()}
+
+    def _reduce(self, values: Sequence[float]) -> list[float]:
+        """Sum per-rank values over all DDP ranks (plain floats in, plain floats out)."""
+        if self.trainer.world_size <= 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        return self.trainer.strategy.reduce(t, reduce_op="sum").tolist()
+
+    def on_validation_epoch_end(self) -> None:
+        stats = [self._val_loss[0], self._val_loss[1]]
+        for metric in self.metrics.values():
+            stats += [metric._sum, metric._count]
+        stats = self._reduce(stats)
+        if stats[1]:
+            self.log(VAL_LOSS, stats[0] / stats[1], sync_dist=False)
+        for i, name in enumerate(self.metrics):
+            total, count = stats[2 + 2 * i], stats[3 + 2 * i]
+            if count:
+                self.log(val_metric_key(name), total / count, prog_bar=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        opt = self.cfg.optimizer
+        groups = param_groups(self.model, self.cfg)
+        if not groups:
+            raise SlotsweepError("no trainable parameters: every component is frozen")
+        kwargs = {"betas": tuple(opt.betas)}
+        if torch.cuda.is_available() and self.cfg.trainer.use_optimizations:
+            kwargs["fused"] = True
+        optimizers = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
+        if opt.name not in optimizers:
+            raise SlotsweepError(
+                f"unknown optimizer.name {opt.name!r}; valid: {', '.join(optimizers)}"
+            )
+        optimizer = optimizers[opt.name](groups, **kwargs)
+
+        def schedule(step: int) -> float:
+            return lr_lambda(step, opt.warmup_steps, opt.decay, opt.decay_rate, opt.decay_steps)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,249 @@
+"""`train()` and `slotsweep train` on the tiny config (CPU, seconds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from core.config import load_config
+from core.errors import ConfigError
+from core.train import main, read_checkpoint, train
+from core.training.module import NonFiniteLossError, lr_lambda, param_groups
+
+FAST = ["dataset.batch_size=2", "trainer.checkpoint_every=2", "trainer.val_check_interval=2"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Generated data goes to one per-session cache, not the user's home."""
+    monkeypatch.setenv("SLOTSWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+class Recorder(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.terms: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.terms.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                           if k.startswith("train/loss/")})
+
+
+def test_tiny_run_writes_checkpoints_events_config_and_visuals(tmp_path):
+    rec = Recorder()
+    result = train(load_config("tiny"), [rec], log_dir=tmp_path, progress_bar=False)
+    run = Path(result["run_dir"])
+    assert run == tmp_path / "tiny"
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step=*.ckpt")) == [
+        "step=1.ckpt", "step=2.ckpt"]
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "visualizations" / "step=2.png").is_file()
+    assert result["global_step"] == 2
+    for key in ("train/loss", "train/loss/featrec", "train/loss/ss", "val/ari", "val/mbo"):
+        assert key in result["metrics"], key
+    assert 0.0 <= result["metrics"]["val/ari"] <= 1.0
+    assert set(rec.terms[-1]) == {"train/loss/featrec", "train/loss/ss"}
+    ckpt = read_checkpoint(run / "checkpoints" / "step=2.ckpt")
+    assert "NUM_SLOTS: 3" in ckpt["slotsweep_config"]
+    # a second run of the same experiment does not overwrite the first
+    again = train(load_config("tiny", ["trainer.max_steps=1"]), log_dir=tmp_path,
+                  progress_bar=False)
+    assert again["run_dir"] == str(tmp_path / "tiny-2")
+
+
+def test_two_steps_then_continue_equals_four_straight(tmp_path):
+    straight, first, second = Recorder(), Recorder(), Recorder()
+    train(load_config("tiny", [*FAST, "trainer.max_steps=4"]), [straight],
+          run_dir=tmp_path / "a", progress_bar=False)
+    half = train(load_config("tiny", [*FAST, "trainer.max_steps=2"]), [first],
+                 run_dir=tmp_path / "b", progress_bar=False)
+    resumed = train(load_config("tiny", [*FAST, "trainer.max_steps=4"]), [second],
+                    continue_from=half["checkpoints"][-1], progress_bar=False)
+    assert resumed["mode"] == "resume" and resumed["run_dir"] == str(tmp_path / "b")
+    assert len(straight.losses) == 4
+    assert first.losses + second.losses == straight.losses  # bit-identical on CPU
+    assert resumed["global_step"] == 4
+
+
+def test_continue_with_other_settings_starts_a_new_stage(tmp_path):
+    stage1 = train(load_config("tiny"), run_dir=tmp_path / "s1", progress_bar=False)
+    cfg = load_config("tiny", ["optimizer.lr=0.0001", "trainer.max_steps=1"])
+    stage2 = train(cfg, continue_from=stage1["checkpoints"][-1], log_dir=tmp_path / "stage2",
+                   progress_bar=False)
+    assert stage2["mode"] == "stage" and stage2["global_step"] == 1
+    assert stage2["run_dir"] == str(tmp_path / "stage2" / "tiny")
+
+
+def test_seed_two_stage_form_means_more_steps(tmp_path, capsys):
+    first = train(load_config("tiny"), run_dir=tmp_path / "r", progress_bar=False)
+    result = train(load_config("tiny", ["trainer.max_steps=1"]),
+                   continue_from=first["checkpoints"][-1], progress_bar=False)
+    assert result["global_step"] == 3
+    assert "continuing from step 2 for 1 more steps" in capsys.readouterr().out
+
+
+class PoisonAt(pl.Callback):
+    """Turns a decoder weight into NaN before the given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.decoder.layers[0].weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = load_config("tiny", ["trainer.max_steps=5", "trainer.checkpoint_every=1"])
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, [PoisonAt(3)], run_dir=tmp_path / "nan", progress_bar=False)
+    message = str(info.value)
+    assert "at step 3" in message and "loss_featrec" in message
+    assert "optimizer.lr=0.0001" in message and "gradient_clip_val" in message
+    ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("step=*.ckpt"))
+    assert ckpts == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]  # 3 = after step 3 of 1..3
+    state = read_checkpoint(tmp_path / "nan" / "checkpoints" / "step=3.ckpt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_overfitting_one_batch_halves_the_loss(tmp_path):
+    from core.training.module import SlotModule
+
+    cfg = load_config("tiny", ["globals.SLOT_DIM=32", "optimizer.warmup_steps=0"])
+    torch.manual_seed(0)
+    module = SlotModule(cfg)
+    batch = {"video": torch.randn(4, 2, 3, 56, 56)}
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(200):
+        loss, _ = module._losses(module.model(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_frozen_backbone_gets_no_gradient_and_every_trainable_parameter_does():
+    from core.training.module import SlotModule
+
+    module = SlotModule(load_config("tiny"))
+    out = module.model({"video": torch.randn(2, 2, 3, 56, 56)})
+    loss, _ = module._losses(out)
+    loss.backward()
+    for name, param in module.model.named_parameters():
+        if name.startswith("encoder."):
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_fine_tune_strategy_trains_the_backbone_with_its_own_lr():
+    from core.training.module import SlotModule
+
+    cfg = load_config("tiny", ["encoder.backbone.frozen=false", "model.encoder.learning_rate=1e-5",
+                               "optimizer.param_groups=[{regex: 'decoder.*', lr: 0.0002}]"])
+    module = SlotModule(cfg)
+    groups = {g["name"]: g for g in param_groups(module.model, cfg)}
+    assert groups[r"encoder\."]["lr"] == 1e-5 and groups["decoder.*"]["lr"] == 2e-4
+    assert groups["default"]["lr"] == cfg.optimizer.lr
+    n_encoder = sum(1 for n, p in module.model.named_parameters() if n.startswith("encoder."))
+    assert len(groups[r"encoder\."]["params"]) == n_encoder
+    assert module.model.encoder.vit.training is False or module.model.encoder.frozen is False
+
+
+def test_learning_rate_schedule():
+    assert lr_lambda(0, 10, "exponential", 0.5, 100) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, "exponential", 0.5, 100) == pytest.approx(1.0)
+    assert lr_lambda(110, 10, "exponential", 0.5, 100) == pytest.approx(0.5)
+    assert lr_lambda(60, 10, "cosine", 0.5, 100) == pytest.approx(0.5)
+    assert lr_lambda(5, 0, "none", 0.5, 100) == 1.0
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_train_tiny(tmp_path, capsys):
+    assert main(["tiny", "--log-dir", str(tmp_path), "globals.NUM_SLOTS=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"run: {tmp_path / 'tiny'} (2 steps)" in out and "val/ari=" in out
+
+
+def _fail(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slotsweep: error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    log = ["--log-dir", str(tmp_path)]
+    assert "did you mean model.grouper.n_iters" in _fail(["tiny", "grouper.n_iter=2"], capsys)
+    err = _fail(["tiny", "model.initializer.name=FixedInit", *log], capsys)
+    assert "unknown model.initializer.name 'FixedInit'" in err and "RandomInit" in err
+    err = _fail(["tiny", "--continue", str(tmp_path / "missing.ckpt"), *log], capsys)
+    assert "missing.ckpt does not exist" in err
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x00not a checkpoint")
+    assert "is corrupt" in _fail(["tiny", "--continue", str(corrupt), *log], capsys)
+    result = train(load_config("tiny"), run_dir=tmp_path / "k3", progress_bar=False)
+    err = _fail(["tiny", "globals.NUM_SLOTS=5", "--continue", result["checkpoints"][0], *log],
+                capsys)
+    assert "does not fit this model" in err and "NUM_SLOTS" in err
+    (tmp_path / "empty" / "json").mkdir(parents=True)
+    (tmp_path / "empty" / "frames").mkdir()
+    (tmp_path / "empty" / "json" / "train.json").write_text('{"videos": []}')
+    err = _fail(["tiny", "--data-dir", str(tmp_path / "empty"), "dataset.synthetic=null", *log],
+                capsys)
+    assert "no videos in the train split" in err
+
+
+def test_cli_train_unknown_data_dir(tmp_path, capsys):
+    err = _fail(["integrated_saycam", "--data-dir", str(tmp_path / "nowhere"),
+                 "model.encoder.backbone.weights=random"], capsys)
+    assert "nowhere/json does not exist" in err
+
+
+def test_missing_backbone_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    root = tmp_path / "data"
+    from core.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+    write_synthetic_dataset(root, 4, SyntheticSpec(n_frames=8, size=32), seed=0)
+    err = _fail(["integrated_saycam", "--data-dir", str(root), "dataset.img_size=28"], capsys)
+    assert "no local checkpoint for dino_say_vitb14" in err
+
+
+def test_python_dash_m_core_train_needs_no_orchestrator(tmp_path):
+    code = (
+        "import sys, core.train as t; rc = t.main(['tiny', '--log-dir', sys.argv[1]]); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'orchestrator')]; "
+        "print(bad); sys.exit(rc or bool(bad))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_precision_16_on_cpu_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        train(load_config("tiny", ["trainer.precision=16"]), run_dir=tmp_path, progress_bar=False)
+
+
+def test_bf16_and_gradient_checkpointing_run_on_cpu(tmp_path):
+    cfg = load_config("tiny", ["trainer.precision=bf16", "trainer.gradient_checkpointing=true",
+                               "trainer.max_steps=1"])
+    result = train(cfg, run_dir=tmp_path / "bf16", progress_bar=False)
+    assert result["global_step"] == 1
