@@ -18,6 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slotsweep make-data synthetic --out $(DEMO)/data --videos 24 --frames 8 --size 64 --seed 0
 	$(BIN)/slotsweep check-data --data-dir $(DEMO)/data --ep-length 8 --img-size 64
+	$(BIN)/slotsweep train tiny --log-dir $(DEMO)/logs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -43,6 +43,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ViT
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # val metrics are summed over ranks by hand (SlotModule._reduce): every rank logs the total
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -191,7 +193,8 @@ def train(
             run_dir = _run_dir(Path(log_dir), cfg.experiment)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / RESOLVED_CONFIG_NAME)
+    if is_rank_zero():
+        save_config(cfg, run_dir / RESOLVED_CONFIG_NAME)
     ckpt_dir = run_dir / CHECKPOINTS_DIRNAME
 
     every = ModelCheckpoint(
@@ -274,6 +277,11 @@ def parse_args(
     return args
 
 
+def is_rank_zero() -> bool:
+    """True outside DDP and on the global rank 0 process (the one that prints and writes)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``slotsweep train`` from parsed arguments; prints a summary, returns an exit code."""
     from core.training.module import NonFiniteLossError
@@ -288,6 +296,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"slotsweep: training stopped: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    if not is_rank_zero():
+        return 0
     print(f"run: {result['run_dir']} ({result['global_step']} steps)")
     shown = {k: v for k, v in sorted(result["metrics"].items()) if "/" in k}
     print("  " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
@@ -306,5 +316,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     sys.exit(main())

@@ -247,3 +247,16 @@ def test_bf16_and_gradient_checkpointing_run_on_cpu(tmp_path):
                                "trainer.max_steps=1"])
     result = train(cfg, run_dir=tmp_path / "bf16", progress_bar=False)
     assert result["global_step"] == 1
+
+
+def test_ddp_over_two_cpu_processes(tmp_path):
+    """trainer.devices=2 on a CPU: Lightning DDP with gloo, rank 0 alone writes and prints."""
+    env = {**__import__("os").environ, "SLOTSWEEP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.train", "tiny", "--log-dir", str(tmp_path),
+         "trainer.devices=2", "trainer.accelerator=cpu", "dataset.batch_size=2"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run: ") == 1 and "(2 steps)" in proc.stdout
+    assert (tmp_path / "tiny" / "checkpoints" / "step=2.ckpt").is_file()

@@ -142,6 +142,8 @@ class VideoDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: ClipDataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.cfg.num_workers
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
         sampler = None
         if train:
             lengths = [len(r) for r in dataset.records]
@@ -151,7 +153,7 @@ class VideoDataModule(pl.LightningDataModule):
             dataset,
             batch_size=batch_size if train else min(batch_size, len(dataset)),
             sampler=sampler,
-            drop_last=train and len(dataset) >= batch_size,
+            drop_last=train and len(dataset) >= batch_size * world,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
