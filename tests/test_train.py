@@ -260,3 +260,15 @@ def test_ddp_over_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run: ") == 1 and "(2 steps)" in proc.stdout
     assert (tmp_path / "tiny" / "checkpoints" / "step=2.ckpt").is_file()
+
+
+def test_slot_grid_rows():
+    from core.training.callbacks import slot_grid
+
+    video, masks = torch.randn(3, 3, 28, 28), torch.rand(3, 4, 2, 2).softmax(dim=1)
+    features, recon = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    plain = slot_grid(video, masks, (0.5,) * 3, (0.2,) * 3)
+    assert plain.shape == (3, 6 * 30 + 2, 3 * 30 + 2)  # frames, 4 slots, overlay
+    full = slot_grid(video, masks, (0.5,) * 3, (0.2,) * 3, features, recon)
+    assert full.shape == (3, 8 * 30 + 2, 3 * 30 + 2)  # + target features, reconstruction
+    assert 0.0 <= float(full.min()) and float(full.max()) <= 1.0

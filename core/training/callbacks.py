@@ -24,13 +24,41 @@ _PALETTE = torch.tensor([
 ], dtype=torch.float32) / 255.0  # fmt: skip
 
 
+def feature_pca(
+    features: torch.Tensor, reconstruction: torch.Tensor, grid: tuple[int, int], size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target features and their reconstruction (T, P, F) as RGB images (T, 3, size, size): both
+    projected on the first three principal components of the target features."""
+    T, _, Fdim = features.shape
+    x = features.float().reshape(-1, Fdim)
+    mean = x.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+    basis = v[:3].T  # (F, 3)
+    a = (x - mean) @ basis
+    b = (reconstruction.float().reshape(-1, Fdim) - mean) @ basis
+    lo, hi = a.min(0).values, a.max(0).values
+    out = []
+    for y in (a, b):
+        img = ((y - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+        img = img.reshape(T, *grid, 3).permute(0, 3, 1, 2)
+        out.append(F.interpolate(img, size=(size, size), mode="nearest"))
+    return out[0], out[1]
+
+
 def slot_grid(
-    video: torch.Tensor, masks: torch.Tensor, mean: tuple, std: tuple
+    video: torch.Tensor,
+    masks: torch.Tensor,
+    mean: tuple,
+    std: tuple,
+    features: torch.Tensor | None = None,
+    reconstruction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One image (3, H', W') of a clip: row 1 frames, rows 2..K+1 each slot's mask applied to the
-    frames, last row the frames overlaid with each pixel's argmax slot colour.
+    frames, then the frames overlaid with each pixel's argmax slot colour and, when given, the
+    target features and their reconstruction (first three principal components as RGB).
 
-    ``video``: (T, 3, H, W) normalised; ``masks``: (T, K, h, w) soft masks.
+    ``video``: (T, 3, H, W) normalised; ``masks``: (T, K, h, w) soft masks; ``features`` and
+    ``reconstruction``: (T, h*w, F).
     """
     T, _, H, W = video.shape
     K = masks.shape[1]
@@ -43,6 +71,10 @@ def slot_grid(
     seg = colours[up.argmax(dim=1)].permute(0, 3, 1, 2)  # (T, 3, H, W)
     overlay = 0.5 * frames + 0.5 * seg
     rows = [frames, *per_slot.unbind(1), overlay]  # each (T, 3, H, W)
+    if features is not None and reconstruction is not None:
+        grid_hw = (masks.shape[-2], masks.shape[-1])
+        target, recon = feature_pca(features, reconstruction, grid_hw, H)
+        rows += [target, recon]
     pad = 2
     grid = torch.ones(3, len(rows) * (H + pad) + pad, T * (W + pad) + pad)
     for r, row in enumerate(rows):
@@ -69,7 +101,8 @@ class SlotVisualizer(pl.Callback):
         if step == self._last_step or (step % self.every and step != trainer.max_steps):
             return
         self._last_step = step
-        grid = slot_grid(visual["video"], visual["masks"], self.mean, self.std)
+        grid = slot_grid(visual["video"], visual["masks"], self.mean, self.std,
+                         visual.get("features"), visual.get("reconstruction"))
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):

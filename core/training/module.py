@@ -15,7 +15,7 @@ from core.data.clips import MASKS_KEY, VIDEO_KEY
 from core.errors import SlotsweepError
 from core.metrics import METRIC_ARI, METRIC_MBO, VideoARI, VideoIoU
 from core.models.build import build_losses, build_model
-from core.models.video import ATTN_MASKS, DECODER_MASKS
+from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTION
 
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
@@ -154,7 +154,12 @@ class SlotModule(pl.LightningModule):
             for metric in self.metrics.values():
                 metric.update(masks, batch[MASKS_KEY])
             if batch_idx == 0 and VIDEO_KEY in batch:
-                self.last_visual = {"video": batch[VIDEO_KEY][0].cpu(), "masks": masks[0].cpu()}
+                self.last_visual = {
+                    "video": batch[VIDEO_KEY][0].cpu(),
+                    "masks": masks[0].cpu(),
+                    "features": outputs[FEATURES][0].float().cpu(),
+                    "reconstruction": outputs[RECONSTRUCTION][0].float().cpu(),
+                }
 
     def _reduce(self, values: Sequence[float]) -> list[float]:
         """Sum per-rank values over all DDP ranks (plain floats in, plain floats out)."""
