@@ -271,4 +271,4 @@ def test_slot_grid_rows():
     assert plain.shape == (3, 6 * 30 + 2, 3 * 30 + 2)  # frames, 4 slots, overlay
     full = slot_grid(video, masks, (0.5,) * 3, (0.2,) * 3, features, recon)
     assert full.shape == (3, 8 * 30 + 2, 3 * 30 + 2)  # + target features, reconstruction
-    assert 0.0 <= float(full.min()) and float(full.max()) <= 1.0
+    assert float(full.min()) >= 0.0 and float(full.max()) <= 1.0
