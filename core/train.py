@@ -80,6 +80,7 @@ def _load_weights(module: torch.nn.Module, ckpt: dict[str, Any], path: str | Pat
 
 
 def _safe_load_weights(module, ckpt, path) -> None:
+    module.on_load_checkpoint(ckpt)  # puts back a frozen backbone left out of the file
     try:
         _load_weights(module, ckpt, path)
     except RuntimeError as exc:  # size mismatch raised by load_state_dict itself
@@ -113,6 +114,11 @@ def _run_dir(log_dir: Path, experiment: str) -> Path:
     return candidate
 
 
+def _step_of(path: str) -> int:
+    """``.../step=2500.ckpt`` -> 2500 (checkpoints sort by step, not by name)."""
+    return int(Path(path).stem.split("=", 1)[1])
+
+
 def _precision(cfg: Config) -> str:
     precision = PRECISIONS[str(cfg.trainer.precision)]
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
@@ -133,6 +139,9 @@ def train(
     continue_from: str | Path | None = None,
     run_dir: str | Path | None = None,
     progress_bar: bool | None = None,
+    select: tuple[str, str, str | None] = (SELECT_METRIC, "max", "val/mbo"),
+    trainer_kwargs: dict[str, Any] | None = None,
+    trainer_hook: Any = None,
 ) -> dict[str, Any]:
     """Train one model as ``cfg`` says; returns where everything went and the final metrics.
 
@@ -140,7 +149,9 @@ def train(
     overrides ``<log_dir>/<experiment>``. ``continue_from``: a checkpoint trained with the same
     model and optimizer settings is resumed exactly (step, optimizer, schedule, data position;
     ``trainer.max_steps`` at or below its step means "that many more steps"); otherwise its
-    weights start a new stage with a fresh optimizer.
+    weights start a new stage with a fresh optimizer. ``select`` = (metric, mode, tie-break)
+    chooses ``checkpoints/best.ckpt``. ``trainer_kwargs`` replace Lightning Trainer arguments and
+    ``trainer_hook(trainer) -> trainer`` runs before fitting (the orchestrator's Ray DDP path).
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -149,7 +160,7 @@ def train(
     from core.data.config import resolve_paths
     from core.data.datamodule import VideoDataModule, backbone_normalization
     from core.data.prepare import ensure_synthetic
-    from core.training.callbacks import RunStateCallback, SlotVisualizer
+    from core.training.callbacks import BestCheckpoint, RunStateCallback, SlotVisualizer
     from core.training.module import SlotModule
 
     _quiet_lightning()
@@ -201,12 +212,9 @@ def train(
         dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every, save_top_k=-1, save_on_train_epoch_end=False,
     )
-    best = ModelCheckpoint(
-        dirpath=ckpt_dir, filename=BEST_CHECKPOINT, monitor=SELECT_METRIC, mode="max",
-        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
-    )
+    best = BestCheckpoint(run_dir, ckpt_dir / f"{BEST_CHECKPOINT}.ckpt", *select)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(
+    kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator,
         devices=t.devices if t.accelerator != "cpu" or t.devices > 1 else 1,
         num_nodes=t.num_nodes,
@@ -231,16 +239,22 @@ def train(
         enable_model_summary=False,
         default_root_dir=str(run_dir),
     )
+    kwargs.update(trainer_kwargs or {})
+    trainer = pl.Trainer(**kwargs)
+    if trainer_hook is not None:
+        trainer = trainer_hook(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    checkpoints = sorted(str(p) for p in ckpt_dir.glob("step=*.ckpt"))
+    checkpoints = sorted((str(p) for p in ckpt_dir.glob("step=*.ckpt")), key=_step_of)
     return {
         "run_dir": str(run_dir),
         "config": str(run_dir / RESOLVED_CONFIG_NAME),
         "checkpoints": checkpoints,
-        "best_checkpoint": best.best_model_path or None,
-        "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+        "best_checkpoint": best.best["checkpoint"] if best.best else None,
+        "best_score": best.best["score"] if best.best else None,
+        "best_step": best.best["step"] if best.best else None,
+        "best_metrics": best.best["metrics"] if best.best else {},
         "global_step": int(trainer.global_step),
         "metrics": metrics,
         "mode": mode,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dino_format import FAKE, TINY, dino_head_state, write_dino_checkpoint  # noqa: F401
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
@@ -24,47 +25,12 @@ from core.models.encoder import (
     resolve_checkpoint,
 )
 
-FAKE = "dino_test_vitt14"
-TINY = dict(patch_size=14, embed_dim=32, depth=2, num_heads=2)
-
 
 @pytest.fixture(autouse=True)
 def fake_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny menagerie-style entry (patch 14, like dino_say_vitb14) for fast tests."""
     base = MENAGERIE_ARCHS["dino_say_vitb14"]
     monkeypatch.setitem(MENAGERIE_ARCHS, FAKE, MenagerieArch({**base.vit, **TINY}, "teacher"))
-
-
-def dino_head_state(dim: int, out_dim: int = 64, bottleneck: int = 16) -> dict[str, torch.Tensor]:
-    """DINOHead parameters (3-layer MLP + weight-normed last layer), prefixed ``head.``."""
-    return {
-        "head.mlp.0.weight": torch.randn(48, dim), "head.mlp.0.bias": torch.randn(48),
-        "head.mlp.2.weight": torch.randn(48, 48), "head.mlp.2.bias": torch.randn(48),
-        "head.mlp.4.weight": torch.randn(bottleneck, 48),
-        "head.mlp.4.bias": torch.randn(bottleneck),
-        "head.last_layer.weight_g": torch.ones(out_dim, 1),
-        "head.last_layer.weight_v": torch.randn(out_dim, bottleneck),
-    }
-
-
-def write_dino_checkpoint(
-    path: Path, vit: VisionTransformer, prefix: str = "backbone.", share_student: bool = False
-) -> Path:
-    """Save ``vit`` exactly as DINO's main_dino.py does (MultiCropWrapper teacher/student)."""
-    sd = vit.state_dict()
-    teacher = {prefix + k: v for k, v in sd.items()} | {
-        prefix.replace("backbone.", "") + k: v for k, v in dino_head_state(vit.embed_dim).items()
-    }
-    student = teacher if share_student else {k: v.clone() for k, v in teacher.items()}
-    args = argparse.Namespace(arch="vit_base", patch_size=14, out_dim=64, lr=5e-4, epochs=100,
-                              data_path="/data/say", output_dir="/out", use_fp16=False)
-    torch.save({
-        "student": student, "teacher": teacher,
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "weight_decay": 0.04,
-                                                     "params": [0, 1]}]},
-        "it": 1234, "args": args, "dino_loss": {"center": torch.zeros(1, 64)},
-    }, path)
-    return path
 
 
 def tiny_vit(img_size: int = 224, **kw) -> VisionTransformer:

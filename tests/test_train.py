@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from core.config import load_config
-from core.errors import ConfigError
+from core.errors import ConfigError, SlotsweepError
 from core.train import main, read_checkpoint, train
 from core.training.module import NonFiniteLossError, lr_lambda, param_groups
 
@@ -272,3 +272,31 @@ def test_slot_grid_rows():
     full = slot_grid(video, masks, (0.5,) * 3, (0.2,) * 3, features, recon)
     assert full.shape == (3, 8 * 30 + 2, 3 * 30 + 2)  # + target features, reconstruction
     assert float(full.min()) >= 0.0 and float(full.max()) <= 1.0
+
+
+def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path, monkeypatch):
+    from dino_format import FAKE, TINY, write_dino_checkpoint
+    from timm.models.vision_transformer import VisionTransformer
+
+    from core.models.encoder import MENAGERIE_ARCHS, MenagerieArch
+
+    base = MENAGERIE_ARCHS["dino_say_vitb14"]
+    monkeypatch.setitem(MENAGERIE_ARCHS, FAKE, MenagerieArch({**base.vit, **TINY}, "teacher"))
+    vit = VisionTransformer(img_size=224, **{**base.vit, **TINY})
+    weights = write_dino_checkpoint(tmp_path / f"{FAKE}.pth", vit)
+    overrides = [f"globals.SAYCAM_MODEL={FAKE}", "model.encoder.backbone.weights=pretrained",
+                 f"model.encoder.backbone.checkpoint={weights}", "model.encoder.backbone.vit={}"]
+    first = train(load_config("tiny", overrides), run_dir=tmp_path / "a", progress_bar=False)
+    ckpt = read_checkpoint(first["checkpoints"][-1])
+    assert not any(k.startswith("model.encoder.") for k in ckpt["state_dict"])
+    assert ckpt["slotsweep_encoder"]["model"] == FAKE
+    more = train(load_config("tiny", [*overrides, "trainer.max_steps=3"]),
+                 continue_from=first["checkpoints"][-1], progress_bar=False)
+    assert more["global_step"] == 3 and more["mode"] == "resume"
+    (tmp_path / "other").mkdir()
+    other = write_dino_checkpoint(tmp_path / "other" / f"{FAKE}.pth",
+                                  VisionTransformer(img_size=224, **{**base.vit, **TINY}))
+    swapped = [*overrides[:2], f"model.encoder.backbone.checkpoint={other}", overrides[3]]
+    with pytest.raises(SlotsweepError, match="point model.encoder.backbone.checkpoint at the same"):
+        train(load_config("tiny", [*swapped, "trainer.max_steps=4"]),
+              continue_from=first["checkpoints"][-1], progress_bar=False)

@@ -142,3 +142,52 @@ class RunStateCallback(pl.Callback):
             np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
             version, internal, gauss_next = state["python"]
             random.setstate((version, tuple(internal), gauss_next))
+
+
+BEST_JSON = "best.json"
+
+
+class BestCheckpoint(pl.Callback):
+    """Keeps ``best.ckpt``: the checkpoint with the best ``metric`` (``mode`` max or min), ties
+    broken by ``tie_break`` (same direction), and writes ``<run_dir>/best.json`` describing it.
+
+    Unlike Lightning's ``ModelCheckpoint(monitor=...)`` it breaks ties, and its state (the best
+    score so far) travels in every checkpoint, so a resumed run keeps the right best.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, path: str | Path, metric: str, mode: str = "max",
+        tie_break: str | None = None,
+    ) -> None:
+        self.run_dir, self.path = Path(run_dir), Path(path)
+        self.metric, self.mode, self.tie_break = metric, mode, tie_break
+        self.best: dict[str, Any] | None = None
+
+    def _key(self, metrics: dict[str, float]) -> tuple[float, float]:
+        sign = 1.0 if self.mode == "max" else -1.0
+        tie = metrics.get(self.tie_break, float("-inf") * sign) if self.tie_break else 0.0
+        return sign * metrics[self.metric], sign * tie
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        value = metrics.get(self.metric)
+        if value is None or value != value:  # missing or NaN: nothing to compare
+            return
+        if self.best is not None and self._key(metrics) <= self._key(self.best["metrics"]):
+            return
+        self.best = {"step": trainer.global_step, "metric": self.metric, "mode": self.mode,
+                     "tie_break": self.tie_break, "score": value, "metrics": metrics,
+                     "checkpoint": str(self.path)}
+        trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            import json
+
+            (self.run_dir / BEST_JSON).write_text(json.dumps(self.best, indent=1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")

@@ -20,6 +20,8 @@ from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTIO
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
 TRAIN_LR = "train/lr"
+ENCODER_PREFIX = "model.encoder."
+ENCODER_INFO = "slotsweep_encoder"
 
 
 def train_loss_key(name: str) -> str:
@@ -105,6 +107,46 @@ class SlotModule(pl.LightningModule):
         }
         self._val_loss = [0.0, 0]
         self.last_visual: dict[str, Tensor] | None = None
+        self._weights_hash: str | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _encoder_from_file(self) -> bool:
+        """A frozen backbone loaded from its checkpoint file is not stored in our checkpoints
+        (344 MB for ViT-B): it is reloaded from the file and checked by its weights hash."""
+        b = self.cfg.model.encoder.backbone
+        return b.frozen and b.weights == "pretrained" and hasattr(self.model.encoder, "weights_hash")
+
+    def _encoder_hash(self) -> str:
+        if self._weights_hash is None:
+            self._weights_hash = self.model.encoder.weights_hash()
+        return self._weights_hash
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not self._encoder_from_file():
+            return
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:
+            del state[key]
+        checkpoint[ENCODER_INFO] = {
+            "dropped": True,
+            "model": self.cfg.model.encoder.backbone.model,
+            "weights_hash": self._encoder_hash(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get(ENCODER_INFO) or {}
+        if not info.get("dropped"):
+            return
+        if info.get("weights_hash") != self._encoder_hash():
+            raise SlotsweepError(
+                f"the checkpoint was trained on {info.get('model')} weights "
+                f"{info.get('weights_hash')} but the backbone loaded now has "
+                f"{self._encoder_hash()}: point model.encoder.backbone.checkpoint at the same file"
+            )
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(ENCODER_PREFIX):
+                state.setdefault(key, value)
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict) -> dict:
