@@ -114,7 +114,8 @@ class SlotModule(pl.LightningModule):
         """A frozen backbone loaded from its checkpoint file is not stored in our checkpoints
         (344 MB for ViT-B): it is reloaded from the file and checked by its weights hash."""
         b = self.cfg.model.encoder.backbone
-        return b.frozen and b.weights == "pretrained" and hasattr(self.model.encoder, "weights_hash")
+        encoder = self.model.encoder
+        return b.frozen and b.weights == "pretrained" and hasattr(encoder, "weights_hash")
 
     def _encoder_hash(self) -> str:
         if self._weights_hash is None:
