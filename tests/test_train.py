@@ -297,6 +297,7 @@ def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path, monkey
     other = write_dino_checkpoint(tmp_path / "other" / f"{FAKE}.pth",
                                   VisionTransformer(img_size=224, **{**base.vit, **TINY}))
     swapped = [*overrides[:2], f"model.encoder.backbone.checkpoint={other}", overrides[3]]
-    with pytest.raises(SlotsweepError, match=r"point model\.encoder\.backbone\.checkpoint at the same"):
+    same_file = r"point model\.encoder\.backbone\.checkpoint at the same"
+    with pytest.raises(SlotsweepError, match=same_file):
         train(load_config("tiny", [*swapped, "trainer.max_steps=4"]),
               continue_from=first["checkpoints"][-1], progress_bar=False)
