@@ -142,6 +142,7 @@ def train(
     select: tuple[str, str, str | None] = (SELECT_METRIC, "max", "val/mbo"),
     trainer_kwargs: dict[str, Any] | None = None,
     trainer_hook: Any = None,
+    extend_steps: bool = True,
 ) -> dict[str, Any]:
     """Train one model as ``cfg`` says; returns where everything went and the final metrics.
 
@@ -152,6 +153,8 @@ def train(
     weights start a new stage with a fresh optimizer. ``select`` = (metric, mode, tie-break)
     chooses ``checkpoints/best.ckpt``. ``trainer_kwargs`` replace Lightning Trainer arguments and
     ``trainer_hook(trainer) -> trainer`` runs before fitting (the orchestrator's Ray DDP path).
+    ``extend_steps=False`` keeps ``trainer.max_steps`` a total even on resume (a resumed sweep
+    trial that had already finished trains no further).
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -189,7 +192,7 @@ def train(
         if mode == "resume":
             ckpt_path = str(continue_from)
             done = int(ckpt.get("global_step", 0))
-            if t.max_steps <= done:
+            if t.max_steps <= done and extend_steps:
                 cfg = replace(cfg, trainer=replace(t, max_steps=done + t.max_steps))
                 t = cfg.trainer
                 print(f"continuing from step {done} for {t.max_steps - done} more steps")
@@ -211,6 +214,7 @@ def train(
     every = ModelCheckpoint(
         dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every, save_top_k=-1, save_on_train_epoch_end=False,
+        enable_version_counter=False,  # a resumed run rewrites step=N.ckpt, never step=N-v1.ckpt
     )
     best = BestCheckpoint(run_dir, ckpt_dir / f"{BEST_CHECKPOINT}.ckpt", *select)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)

@@ -104,6 +104,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep, shutdown_ray
+
+    try:
+        return run_sweep(args.file, list(args.overrides), resume=args.resume)
+    finally:
+        shutdown_ray()
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import time
+
+    from orchestrator.sweep import mlflow_root
+    from orchestrator.tracking import LocalServer
+
+    root = Path(args.store).resolve() if args.store else mlflow_root()
+    if not (root / "mlflow.db").is_file():
+        raise SlotsweepError(f"no MLflow store at {root}: run a sweep first or pass --store DIR")
+    with LocalServer.start(root, port=args.port) as server:
+        print(f"MLflow UI: {server.uri}  (store {root}; Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from core.train import build_parser as build_train_parser
 
@@ -120,6 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build_train_parser(train)
     train.set_defaults(func=_cmd_train)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a sweep file on Ray Tune (local Ray, embedded MLflow by default)",
+        description="Run a sweep. key=value after the file overrides sweep fields (trials=8, "
+        "concurrency=1, resources.gpus_per_trial=0.5) or, for any other key, the trials' config.",
+    )
+    sweep.add_argument("file", help="sweep YAML (a path, or a name in sweeps/)")
+    sweep.add_argument("overrides", nargs="*", help="key=value")
+    sweep.add_argument("--resume", action="store_true",
+                       help="finish an interrupted sweep: finished trials are kept, interrupted "
+                       "ones continue from their last checkpoint")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    ui = sub.add_parser("ui", help="serve the embedded MLflow store (runs/mlflow) in a browser")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--store", default=None, help="MLflow folder (default: runs/mlflow)")
+    ui.set_defaults(func=_cmd_ui)
 
     make = sub.add_parser("make-data", help="write a generated dataset to disk")
     make_sub = make.add_subparsers(dest="kind", metavar="KIND", required=True)

@@ -15,6 +15,7 @@ from PIL import Image
 from core.config import Config, config_to_yaml
 
 CONFIG_KEY = "slotsweep_config"  # the resolved config (YAML text) inside every checkpoint
+METRICS_KEY = "slotsweep_metrics"  # {"step": N, "metrics": {...}}: what was logged at step N
 VISUALS_DIRNAME = "visualizations"
 _PALETTE = torch.tensor([
     [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -123,6 +124,10 @@ class RunStateCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self.yaml
+        checkpoint[METRICS_KEY] = {
+            "step": trainer.global_step,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        }
         _, keys, pos, has_gauss, cached = np.random.get_state()
         version, internal, gauss_next = random.getstate()
         checkpoint["rng"] = {

@@ -1,0 +1,95 @@
+"""The live view of a running sweep: one table of trials (state, step, val/ari, ...)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestrator.trial import STATUS_KEY
+
+PENDING, RUNNING, DONE, FAILED, DIVERGED, STOPPED = (
+    "PENDING", "RUNNING", "DONE", "FAILED", "DIVERGED", "STOPPED")
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain left-aligned text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def short_key(key: str) -> str:
+    """``model.losses.loss_ss.temperature`` -> ``loss_ss.temperature`` (last two parts)."""
+    return ".".join(key.split(".")[-2:])
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressTable(Callback):
+    """Prints the trial table when a trial changes state, and at most every ``interval`` seconds
+    when only results arrive."""
+
+    def __init__(self, metrics: list[str], keys: list[str], interval: float = 10.0) -> None:
+        self.metrics, self.keys, self.interval = metrics, keys, interval
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._printed = 0.0
+
+    def _row(self, trial: Any) -> dict[str, Any]:
+        row = self.rows.setdefault(trial.trial_id, {"state": PENDING, "config": trial.config})
+        row["config"] = trial.config
+        return row
+
+    def _show(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._printed < self.interval:
+            return
+        self._printed = now
+        headers = ["trial", "state", "step", *map(short_key, self.keys), *self.metrics]
+        rows = [
+            [tid, r["state"], fmt(r.get("step")), *(fmt(r["config"].get(k)) for k in self.keys),
+             *(fmt(r.get(m)) for m in self.metrics)]
+            for tid, r in sorted(self.rows.items())
+        ]
+        done = sum(r["state"] in (DONE, FAILED, DIVERGED, STOPPED) for r in self.rows.values())
+        stream = sys.stdout  # looked up now: the callback is pickled with the Tuner
+        print(f"\n[{time.strftime('%H:%M:%S')}] {done}/{len(self.rows)} trials finished",
+              file=stream)
+        print(format_table(headers, rows), file=stream, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial)["state"] = RUNNING
+        self._show(force=True)
+
+    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial)["state"] = RUNNING
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        row = self._row(trial)
+        row.update({k: result[k] for k in ("step", *self.metrics) if k in result})
+        if result.get(STATUS_KEY) == "diverged":
+            row["state"] = DIVERGED
+        self._show(force=False)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._row(trial)
+        if row["state"] != DIVERGED:
+            status = (trial.last_result or {}).get(STATUS_KEY)
+            row["state"] = DONE if status == "done" else STOPPED
+        self._show(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial)["state"] = FAILED
+        self._show(force=True)

@@ -1,0 +1,308 @@
+"""``slotsweep sweep FILE [--resume] [key=value ...]``: a whole sweep on Ray Tune.
+
+Order of events: validate the sweep file (nothing started yet) -> MLflow reachable (or the
+embedded server started) -> Ray up and big enough -> generated data made once -> trials run
+(live table) -> best trial selected over all reported steps -> table + ``<sweep dir>/best.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from core.errors import ConfigError
+from orchestrator import spec as specs
+from orchestrator import tracking
+from orchestrator.progress import (
+    DIVERGED,
+    DONE,
+    FAILED,
+    STOPPED,
+    ProgressTable,
+    fmt,
+    format_table,
+    short_key,
+)
+from orchestrator.trial import ERROR_KEY, STATUS_KEY, TrialContext, run_dir_of, run_trial
+
+BEST_JSON = "best.json"
+SPEC_YAML = "sweep.yaml"
+MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"
+
+
+def mlflow_root() -> Path:
+    """Where the embedded MLflow server keeps its SQLite store and artifacts."""
+    return Path(os.environ.get(MLFLOW_DIR_ENV, Path.cwd() / "runs" / "mlflow")).resolve()
+
+
+def sweep_dir_of(spec: specs.SweepSpec) -> Path:
+    """The sweep's own folder: trial runs, ``sweep.yaml`` and ``best.json`` (local or NFS)."""
+    storage = spec.storage or str(specs.DEFAULT_STORAGE)
+    if "://" in storage:  # s3://..., gs://...: Tune state goes there, run folders stay local
+        return (Path.cwd() / specs.DEFAULT_STORAGE / spec.name).resolve()
+    return Path(storage).resolve() / spec.name
+
+
+def _absolute_paths(spec: specs.SweepSpec) -> specs.SweepSpec:
+    """Trials run with a temporary working directory: every path they read must be absolute."""
+    from core.config import find_config
+
+    base = str(find_config(spec.base).resolve())
+    data_dir = str(Path(spec.data_dir).expanduser().resolve()) if spec.data_dir else None
+    return replace(spec, base=base, data_dir=data_dir)
+
+
+def _quiet() -> None:
+    """Keep the terminal for our table: no Ray/MLflow chatter that a user cannot act on."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray instance would have: this machine's cores and CUDA devices."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+    resources = ray.cluster_resources()
+    specs.check_cluster(spec, resources)
+    return resources
+
+
+def _prepare_data(spec: specs.SweepSpec) -> None:
+    """Generated datasets are made once here, so concurrent trials only read them."""
+    from core.config import load_config
+    from core.data.prepare import ensure_synthetic
+
+    cfg = load_config(spec.base, spec.overrides)
+    ensure_synthetic(cfg.dataset, spec.data_dir)
+
+
+def _trainable(spec: specs.SweepSpec, ctx: TrialContext) -> Any:
+    from ray import tune
+
+    workers = int(spec.resources.workers or 1)
+    if workers > 1:  # the TorchTrainer's workers hold the resources; the trial only drives them
+        resources = {"cpu": 0.01}
+    else:
+        resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+
+
+def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
+    from ray import tune
+
+    from core.config import load_config
+
+    if resume:
+        return tune.Tuner.restore(f"{spec.storage}/{spec.name}", trainable, resume_errored=True)
+    cfg = load_config(spec.base, spec.overrides)
+    metrics = [spec.select.metric] + ([spec.select.tie_break] if spec.select.tie_break else [])
+    progress = ProgressTable(metrics, list(spec.search))
+    return tune.Tuner(
+        trainable,
+        param_space=specs.param_space(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=specs.make_search_alg(spec),
+            scheduler=specs.make_scheduler(spec, cfg.trainer.val_check_interval),
+            num_samples=specs.num_samples(spec),
+            max_concurrent_trials=spec.concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=spec.storage,
+            verbose=0,
+            callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def _key(spec: specs.SweepSpec, metrics: dict[str, Any]) -> tuple[float, float]:
+    sign = 1.0 if spec.select.mode == "max" else -1.0
+    tie = metrics.get(spec.select.tie_break) if spec.select.tie_break else None
+    return (sign * float(metrics[spec.select.metric]),
+            sign * float(tie) if tie is not None and not math.isnan(float(tie)) else -math.inf)
+
+
+def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict[str, Any]:
+    """One trial's outcome: status, sampled values, its best reported step, checkpoint, run."""
+    trial_id = Path(result.path).name.split("_", 2)[-1] if result.path else "?"
+    trial_id = result.metrics.get("trial_id", trial_id)
+    run_dir = run_dir_of(sweep_dir, trial_id)
+    info = json.loads((run_dir / "trial.json").read_text()) if (run_dir / "trial.json").is_file() \
+        else {}
+    status = result.metrics.get(STATUS_KEY)
+    if result.error is not None:
+        state, error = FAILED, str(result.error).strip().splitlines()[-1][:300]
+    elif status == "diverged":
+        state, error = DIVERGED, result.metrics.get(ERROR_KEY)
+    else:
+        state, error = (DONE if status == "done" else STOPPED), None
+    best: dict[str, Any] | None = None
+    frame = result.metrics_dataframe
+    if frame is not None and spec.select.metric in frame:
+        for row in frame.to_dict("records"):
+            value = row.get(spec.select.metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if best is None or _key(spec, row) > _key(spec, best):
+                best = row
+    checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    wanted = (spec.select.metric, spec.select.tie_break, "val/ari", "val/mbo")
+    metric_keys = [m for m in wanted if m]
+    return {
+        "trial_id": trial_id,
+        "state": state,
+        "error": error,
+        "sampled": {k: result.config.get(k) for k in spec.search},
+        "step": int(best["step"]) if best and "step" in best else None,
+        "metrics": {m: best.get(m) for m in dict.fromkeys(metric_keys)} if best else {},
+        "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
+        "mlflow_run_id": info.get("mlflow_run_id"),
+        "seed": info.get("seed"),
+        "run_dir": str(run_dir),
+    }
+
+
+def select_best(spec: specs.SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best trial over all reported steps (selection metric, then tie-break)."""
+    scored = [t for t in trials if t["metrics"].get(spec.select.metric) is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda t: _key(spec, t["metrics"]))
+
+
+def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dict | None,
+                  stream: TextIO) -> None:
+    keys = list(spec.search)
+    metrics = list(dict.fromkeys(m for m in (spec.select.metric, spec.select.tie_break,
+                                             "val/ari", "val/mbo") if m))
+    headers = ["trial", "state", "step", *map(short_key, keys), *metrics, "checkpoint",
+               "mlflow run"]
+    rows = []
+    for t in sorted(trials, key=lambda t: t["trial_id"]):
+        mark = "*" if best is not None and t["trial_id"] == best["trial_id"] else ""
+        rows.append([mark + t["trial_id"], t["state"], fmt(t["step"]),
+                     *(fmt(t["sampled"].get(k)) for k in keys),
+                     *(fmt(t["metrics"].get(m)) for m in metrics),
+                     t["checkpoint"] or "-", t["mlflow_run_id"] or "-"])
+    print(f"\nsweep {spec.name}: {len(trials)} trials", file=stream)
+    print(format_table(headers, rows), file=stream)
+    for t in trials:
+        if t["error"]:
+            print(f"  {t['trial_id']} {t['state'].lower()}: {t['error']}", file=stream)
+
+
+def _check_resume(spec: specs.SweepSpec, resume: bool) -> None:
+    """``--resume`` needs a sweep to finish; without it an existing sweep is never overwritten."""
+    from ray import tune
+
+    experiment = f"{spec.storage}/{spec.name}"
+    exists = tune.Tuner.can_restore(experiment)
+    if resume and not exists:
+        raise ConfigError(f"no sweep to resume at {experiment}: run it without --resume")
+    if not resume and exists:
+        raise ConfigError(
+            f"sweep {spec.name} already exists at {experiment}: add --resume to finish it, "
+            f"or pick another name (name=...)"
+        )
+
+
+def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool = False,
+              stream: TextIO | None = None) -> int:
+    """Run (or with ``resume`` finish) the sweep in ``path``; returns the exit code."""
+    stream = stream or sys.stdout
+    _quiet()
+    spec = _absolute_paths(specs.load_sweep(path, overrides))
+    sweep_dir = sweep_dir_of(spec)
+    if not os.environ.get("RAY_ADDRESS"):  # local: the cluster is this machine, check it first
+        specs.check_cluster(spec, local_resources())
+    _check_resume(spec, resume)
+    uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri)
+    server = None
+    if uri is None:
+        server = tracking.LocalServer.start(mlflow_root())
+        uri = server.uri
+    else:
+        tracking.check_tracking_uri(uri)
+    try:
+        client = tracking.client_for(uri)
+        experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
+        parent = tracking.get_or_create_sweep_run(client, experiment_id, specs.sweep_key(spec),
+                                                  spec.name)
+        print(f"sweep {spec.name}: {sweep_dir}", file=stream)
+        print(f"MLflow: {uri} (experiment {spec.mlflow.experiment}, run {parent})", file=stream)
+        _start_ray(spec)
+        _prepare_data(spec)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (sweep_dir / SPEC_YAML).write_text(specs.to_yaml(spec))
+            client.log_artifact(parent, str(sweep_dir / SPEC_YAML))
+        ctx = TrialContext(spec, str(sweep_dir), uri, experiment_id, parent)
+        tuner = _tuner(spec, _trainable(spec, ctx), resume)
+        results = tuner.fit()
+        trials = [summarize_trial(spec, sweep_dir, r) for r in results]
+        best = select_best(spec, trials)
+        print_summary(spec, trials, best, stream)
+        record = {
+            "sweep": spec.name, "select": {"metric": spec.select.metric, "mode": spec.select.mode,
+                                           "tie_break": spec.select.tie_break},
+            "best": best, "trials": trials,
+            "mlflow": {"tracking_uri": uri, "experiment": spec.mlflow.experiment,
+                       "experiment_id": experiment_id, "parent_run_id": parent},
+        }
+        (sweep_dir / BEST_JSON).write_text(json.dumps(record, indent=1, default=str))
+        client.log_artifact(parent, str(sweep_dir / BEST_JSON))
+        failed = [t for t in trials if t["state"] in (FAILED, DIVERGED)]
+        if best is not None:
+            for name, value in best["metrics"].items():
+                if value is not None:
+                    client.log_metric(parent, f"best/{name}", float(value))
+            client.set_tag(parent, "best_trial", best["trial_id"])
+            if best["mlflow_run_id"]:
+                client.set_tag(parent, "best_run_id", best["mlflow_run_id"])
+            print(f"\nbest: trial {best['trial_id']} at step {best['step']}: "
+                  + "  ".join(f"{k}={fmt(v)}" for k, v in best["metrics"].items()), file=stream)
+            print(f"  checkpoint: {best['checkpoint']}", file=stream)
+            print(f"  written: {sweep_dir / BEST_JSON}", file=stream)
+        if server is not None:
+            print(f"MLflow UI: `slotsweep ui` then open http://127.0.0.1:5000 "
+                  f"(store: {mlflow_root()})", file=stream)
+        if trials and len(failed) == len(trials):
+            tracking.finish_run(client, parent, "FAILED")
+            print(f"slotsweep: all {len(trials)} trials failed", file=sys.stderr)
+            return 1
+        tracking.finish_run(client, parent, "FINISHED")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+

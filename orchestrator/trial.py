@@ -1,0 +1,272 @@
+"""One trial of a sweep: sampled values -> overrides -> ``core.config.load_config`` ->
+``core.train.train(cfg, callbacks)``, reporting to Tune and logging to the trial's MLflow run.
+
+A trial with ``workers > 1`` (several GPUs, or 2 gloo workers on a CPU) runs the same ``train``
+inside a Ray Train ``TorchTrainer`` with the ``ray.train.lightning`` helpers (Ray 2.60: Train V2
+inside a Tune function); its Train run is named after the trial, so a restarted trial resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+RUN_DIRNAME = "trials"
+LAST_CHECKPOINT = "last.ckpt"
+DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep never retrains it
+STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
+ERROR_KEY = "slotsweep_error"
+# Testing aid: "raise:<trial index>:<step>" and/or "nan:<trial index>:<step>", comma-separated.
+FAULT_ENV = "SLOTSWEEP_INJECT_FAULT"
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs from the driver (passed with ``tune.with_parameters``)."""
+
+    spec: Any  # orchestrator.spec.SweepSpec (validated)
+    sweep_dir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_index(trial_id: str) -> int:
+    """``"6e7ea_00003"`` -> 3: the trial's position in the sweep (its seed offset)."""
+    return int(trial_id.rsplit("_", 1)[-1])
+
+
+def run_dir_of(sweep_dir: str | Path, trial_id: str) -> Path:
+    """Where a trial's run (config, checkpoints, TensorBoard, images) lives."""
+    return Path(sweep_dir) / RUN_DIRNAME / trial_id
+
+
+def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+class TuneReporter(pl.Callback):
+    """After every validation: save ``last.ckpt`` and report metrics + that checkpoint.
+
+    ``report(metrics, checkpoint_dir)`` is ``ray.tune.report`` for a plain trial and
+    ``ray.train.report`` on the workers of a DDP trial.
+    """
+
+    def __init__(self, run_dir: Path, report: Any, checkpoint_cls: Any) -> None:
+        self.run_dir, self.report, self.checkpoint_cls = run_dir, report, checkpoint_cls
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {**_metrics(trainer), "step": trainer.global_step, STATUS_KEY: "running"}
+        with tempfile.TemporaryDirectory(prefix="slotsweep-ckpt-") as tmp:
+            path = Path(tmp) / LAST_CHECKPOINT
+            trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes
+            best = self.run_dir / "best.json"
+            if best.is_file():
+                shutil.copy(best, Path(tmp) / "best.json")
+            self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
+
+
+class FaultInjector(pl.Callback):
+    """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, or turn its loss
+    NaN, at ``step``. A marker file makes ``raise`` happen only once per trial."""
+
+    def __init__(self, spec: str, index: int, marker: Path) -> None:
+        kind, which, step = spec.split(":")
+        self.kind, self.step, self.marker = kind, int(step), marker
+        self.active = int(which) == index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.active or trainer.global_step != self.step:
+            return
+        if self.kind == "raise" and not self.marker.exists():
+            self.marker.write_text("raised")
+            raise RuntimeError(f"injected fault at step {self.step}")
+        if self.kind == "nan":
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+def _config_for(ctx: TrialContext, sampled: dict[str, Any], index: int):
+    from core.config import load_config
+    from orchestrator.spec import trial_overrides
+
+    spec = ctx.spec
+    overrides = [*spec.overrides, *trial_overrides(spec, sampled), f"seed={spec.seed + index}"]
+    return load_config(spec.base, overrides), overrides
+
+
+def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, report: Any,
+                checkpoint_cls: Any, checkpoint: Any, ddp: dict[str, Any] | None = None,
+                rank_zero: bool = True):
+    """Train (or continue) one trial; returns train()'s result. Runs on every DDP worker."""
+    from core.config import flatten
+    from core.train import train
+    from orchestrator import tracking
+
+    index = trial_index(trial_id)
+    cfg, overrides = _config_for(ctx, sampled, index)
+    run_dir = run_dir_of(ctx.sweep_dir, trial_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks: list[pl.Callback] = [TuneReporter(run_dir, report, checkpoint_cls)]
+    run_id = None
+    if rank_zero:
+        client = tracking.client_for(ctx.tracking_uri)
+        run_id = tracking.get_or_create_trial_run(
+            client, ctx.experiment_id, ctx.parent_run_id, trial_id,
+            run_name=f"{ctx.spec.name}-{index:03d}", tags={"slotsweep.seed": str(cfg.seed)},
+        )
+        params = {**flatten(cfg), **{f"sampled.{k}": v for k, v in sampled.items()}}
+        callbacks.append(tracking.TrialLogger(ctx.tracking_uri, run_id, params=params))
+    for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))
+    continue_from = _newest_checkpoint(run_dir, checkpoint)
+    select = ctx.spec.select
+    (run_dir / "trial.json").write_text(json.dumps(
+        {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
+         "mlflow_run_id": run_id, "seed": cfg.seed}, indent=1, default=str))
+    result = train(
+        cfg, callbacks, data_dir=ctx.spec.data_dir, run_dir=run_dir,
+        continue_from=continue_from, progress_bar=False,
+        select=(select.metric, select.mode, select.tie_break), extend_steps=False,
+        **(ddp or {}),
+    )
+    return result, run_id
+
+
+def _step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1))
+
+
+def _newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
+    """The latest of Tune's checkpoint and the trial's own ``step=N.ckpt`` files.
+
+    Tune records a checkpoint in its experiment state only every few seconds, so after the
+    driver is killed its last checkpoint can be older than the trial's own files."""
+    candidates: list[tuple[int, Path]] = []
+    if checkpoint is not None:
+        local = Path(tempfile.mkdtemp(prefix="slotsweep-restore-"))
+        with checkpoint.as_directory() as d:
+            shutil.copy(Path(d) / LAST_CHECKPOINT, local / LAST_CHECKPOINT)
+        candidates.append((_step(local / LAST_CHECKPOINT), local / LAST_CHECKPOINT))
+    for path in (run_dir / "checkpoints").glob("step=*.ckpt"):
+        try:
+            candidates.append((int(path.stem.split("=", 1)[1]), path))
+        except ValueError:
+            continue
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable (plain Lightning inside the trial)."""
+    from ray import tune
+
+    from core.training.module import NonFiniteLossError
+    from orchestrator import tracking
+
+    trial_id = tune.get_context().get_trial_id()
+    torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_trial)))
+    workers = int(ctx.spec.resources.workers or 1)
+    if workers > 1:
+        return _run_ddp_trial(sampled, ctx, trial_id, workers)
+    done = run_dir_of(ctx.sweep_dir, trial_id) / DONE_JSON
+    if done.is_file():  # finished before the driver died; Tune's state had not caught up
+        tune.report(json.loads(done.read_text()))
+        return
+    try:
+        result, run_id = _train_once(ctx, sampled, trial_id, tune.report, tune.Checkpoint,
+                                     tune.get_checkpoint())
+    except NonFiniteLossError as exc:
+        _diverged(ctx, trial_id, str(exc))
+        tune.report({STATUS_KEY: "diverged", ERROR_KEY: str(exc)})
+        return
+    tracking.finish_run(tracking.client_for(ctx.tracking_uri), run_id, "FINISHED")
+    final = {**result["metrics"], "step": result["global_step"], STATUS_KEY: "done"}
+    done.write_text(json.dumps(final))
+    tune.report(final)
+
+
+def _diverged(ctx: TrialContext, trial_id: str, message: str) -> None:
+    """Mark the trial's MLflow run FAILED with the reason (the sweep goes on)."""
+    from orchestrator import tracking
+
+    client = tracking.client_for(ctx.tracking_uri)
+    run_id = tracking.get_or_create_trial_run(
+        client, ctx.experiment_id, ctx.parent_run_id, trial_id,
+        run_name=f"{ctx.spec.name}-{trial_index(trial_id):03d}")
+    client.set_tag(run_id, "slotsweep.error", message[:5000])
+    tracking.finish_run(client, run_id, "FAILED")
+    (run_dir_of(ctx.sweep_dir, trial_id) / "diverged.txt").write_text(message + "\n")
+
+
+def _ddp_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a DDP trial: Lightning with RayDDPStrategy."""
+    import ray.train
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+    ctx, sampled, trial_id = config["ctx"], config["sampled"], config["trial_id"]
+    use_gpu = torch.cuda.is_available() and ctx.spec.resources.gpus_per_trial > 0
+    accelerator = "gpu" if use_gpu else "cpu"
+    ddp = {
+        "trainer_kwargs": {
+            "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
+            "devices": "auto", "accelerator": accelerator, "num_nodes": 1,
+        },
+        "trainer_hook": prepare_trainer,
+    }
+    rank_zero = ray.train.get_context().get_world_rank() == 0
+    _train_once(ctx, sampled, trial_id, ray.train.report, ray.train.Checkpoint,
+                ray.train.get_checkpoint(), ddp, rank_zero=rank_zero)
+
+
+def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str,
+                   workers: int) -> None:
+    from ray import train as ray_train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator import tracking
+
+    resources = ctx.spec.resources
+    gpus = float(resources.gpus_per_trial)
+    per_worker = {"CPU": max(0.5, float(resources.cpus_per_trial) / workers)}
+    if gpus:
+        per_worker["GPU"] = gpus / workers
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"ctx": ctx, "sampled": sampled, "trial_id": trial_id},
+        scaling_config=ray_train.ScalingConfig(
+            num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
+        run_config=ray_train.RunConfig(
+            name=trial_id, storage_path=str(Path(ctx.sweep_dir) / "train"),
+            callbacks=[TuneReportCallback()],
+            failure_config=ray_train.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; a NaN is a diverged trial, not a retry
+        message = str(exc)
+        if "became nan" in message or "became inf" in message:
+            _diverged(ctx, trial_id, message.splitlines()[-1])
+            tune.report({STATUS_KEY: "diverged", ERROR_KEY: message.splitlines()[-1]})
+            return
+        raise
+    client = tracking.client_for(ctx.tracking_uri)
+    run = tracking.find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
+    if run is not None:
+        tracking.finish_run(client, run, "FINISHED")
+    tune.report({STATUS_KEY: "done"})

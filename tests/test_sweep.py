@@ -1,0 +1,217 @@
+"""Sweeps against real parts: a local Ray instance and a real MLflow server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with tracking.LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("SLOTSWEEP_CACHE", str(base / "cache"))
+    monkeypatch.setenv("SLOTSWEEP_MLFLOW_DIR", str(base / "embedded-mlflow"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def _children(uri: str, experiment: str) -> tuple[list, list]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    return parents, children
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted({m.step for m in client.get_metric_history(run_id, key)})
+
+
+def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
+    argv = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=e2e",
+            f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=e2e"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4/4 trials finished" in out and "best: trial" in out
+    record = json.loads((tmp_path / "e2e" / "best.json").read_text())
+    assert [t["state"] for t in record["trials"]] == ["DONE"] * 4
+    client = MlflowClient(server.uri)
+    parents, children = _children(server.uri, "e2e")
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags[tracking.TAG_PARENT] for c in children} == {parents[0].info.run_id}
+    assert record["mlflow"]["parent_run_id"] == parents[0].info.run_id
+    by_trial = {c.data.tags[tracking.TAG_TRIAL]: c for c in children}
+    assert set(by_trial) == {t["trial_id"] for t in record["trials"]}
+    for trial in record["trials"]:
+        run = by_trial[trial["trial_id"]]
+        assert run.info.run_id == trial["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.params["globals.NUM_SLOTS"] == str(trial["sampled"]["globals.NUM_SLOTS"])
+        assert "sampled.model.loss_weights.loss_ss" in run.data.params
+        assert _steps(client, run.info.run_id, "val/ari") == [4, 8]
+        assert _steps(client, run.info.run_id, "val/mbo") == [4, 8]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config", "checkpoints", "visualizations"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+            "checkpoints/best.ckpt"]
+        # the trial's best step in best.json is the MLflow history's best (tie: val/mbo)
+        ari = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/ari")}
+        mbo = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/mbo")}
+        best_step = max(ari, key=lambda s: (ari[s], mbo[s]))
+        assert trial["step"] == best_step
+        assert trial["metrics"]["val/ari"] == pytest.approx(ari[best_step])
+    best = record["best"]
+    assert best["metrics"]["val/ari"] == max(t["metrics"]["val/ari"] for t in record["trials"])
+    assert Path(best["checkpoint"]).is_file()
+    assert parents[0].data.tags["best_trial"] == best["trial_id"]
+
+
+def test_a_failing_trial_is_retried_and_a_nan_trial_fails_alone(tmp_path, server, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setenv("SLOTSWEEP_INJECT_FAULT", "raise:1:5,nan:2:3")
+    argv = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=faults",
+            f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=faults"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "faults" / "best.json").read_text())
+    states = {t["trial_id"].rsplit("_", 1)[1]: t for t in record["trials"]}
+    assert states["00001"]["state"] == "DONE"  # raised once at step 5, resumed from step 4
+    assert (Path(states["00001"]["run_dir"]) / ".fault-raised").is_file()
+    assert states["00002"]["state"] == "DIVERGED"
+    assert "became nan at step 3" in states["00002"]["error"]
+    assert states["00000"]["state"] == states["00003"]["state"] == "DONE"
+    client = MlflowClient(server.uri)
+    _, children = _children(server.uri, "faults")
+    assert len(children) == 4  # the retry reused its run
+    by_trial = {c.data.tags[tracking.TAG_TRIAL]: c for c in children}
+    retried = by_trial[states["00001"]["trial_id"]]
+    assert _steps(client, retried.info.run_id, "val/ari") == [4, 8]
+    diverged = by_trial[states["00002"]["trial_id"]]
+    assert diverged.info.status == "FAILED"
+    assert "became nan" in diverged.data.tags["slotsweep.error"]
+    assert "diverged: loss" in capsys.readouterr().out
+
+
+def test_every_trial_failing_exits_non_zero_with_a_summary(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv("SLOTSWEEP_INJECT_FAULT", "nan:0:1,nan:1:1")
+    argv = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=allfail", "trials=2",
+            f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=allfail"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "all 2 trials failed" in captured.err
+    assert captured.out.count("DIVERGED") >= 2
+
+
+def _sweep_cmd(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(QUICKSTART),
+            f"storage={tmp_path / 'storage'}", "name=killed", "trainer.max_steps=12",
+            *extra]
+
+
+def test_kill_the_driver_then_resume(tmp_path):
+    env = {**os.environ, "SLOTSWEEP_MLFLOW_DIR": str(tmp_path / "mlflow"),
+           "SLOTSWEEP_CACHE": os.environ["SLOTSWEEP_CACHE"]}
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(_sweep_cmd(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                              env=env, cwd=tmp_path)
+    trials = tmp_path / "storage" / "killed" / "trials"
+    deadline = time.monotonic() + 240
+    finished_before: dict[str, float] = {}
+    while time.monotonic() < deadline:  # kill once one trial finished and another is midway
+        done = {p.parent.parent.name: p.stat().st_mtime
+                for p in trials.glob("*/checkpoints/step=12.ckpt")}
+        midway = [p for p in trials.glob("*/checkpoints/step=4.ckpt")
+                  if p.parent.parent.name not in done]
+        if done and midway:
+            finished_before = done
+            break
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    assert finished_before, "no trial finished in time"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)
+    resumed = subprocess.run([*_sweep_cmd(tmp_path), "--resume"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    record = json.loads((tmp_path / "storage" / "killed" / "best.json").read_text())
+    assert len(record["trials"]) == 4
+    assert all(t["state"] == "DONE" for t in record["trials"]), record["trials"]
+    for trial_id, mtime in finished_before.items():  # finished trials were not run again
+        assert (trials / trial_id / "checkpoints" / "step=12.ckpt").stat().st_mtime == mtime
+    uri = record["mlflow"]["tracking_uri"]
+    with tracking.LocalServer.start(tmp_path / "mlflow") as srv:
+        parents, children = _children(srv.uri, "quickstart")
+        client = MlflowClient(srv.uri)
+        mine = [c for c in children
+                if c.data.tags[tracking.TAG_PARENT] == record["mlflow"]["parent_run_id"]]
+        assert len(parents) == 1 and len(mine) == 4, uri
+        assert sorted(c.data.tags[tracking.TAG_TRIAL] for c in mine) == sorted(
+            t["trial_id"] for t in record["trials"])
+        for run in mine:
+            assert _steps(client, run.info.run_id, "val/ari") == [4, 8, 12]
+            assert run.info.status == "FINISHED"
+
+
+# ------------------------------------------------------------- nothing starts on bad input
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    import ray
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slotsweep: error: ") and "\n" not in err, err
+    assert not ray.is_initialized()
+    return err
+
+
+def test_bad_sweeps_fail_before_anything_starts(tmp_path, capsys):
+    base = ["sweep", str(QUICKSTART), f"storage={tmp_path}"]
+    err = _one_line_error([*base, "search.globals.NUM_SLOT={choice: [3, 4]}"], capsys)
+    assert "NUM_SLOT" in err and "did you mean" in err
+    err = _one_line_error([*base, "select.metric=val/arii"], capsys)
+    assert "val/arii" in err and "val/ari" in err
+    err = _one_line_error([*base, "algorithm.name=optuna", "search.grouper.n_iters={grid: [1, 2]}"],
+                          capsys)
+    assert "grid" in err and "optuna" in err
+    err = _one_line_error([*base, "resources.gpus_per_trial=1"], capsys)
+    assert "gpus_per_trial" in err and "GPU" in err
+    port = _free_port()
+    err = _one_line_error([*base, f"mlflow.tracking_uri=http://127.0.0.1:{port}"], capsys)
+    assert "unreachable" in err and str(port) in err
+    assert not any(tmp_path.iterdir())  # no sweep folder, no trial
+
+
+def test_resume_without_a_sweep_and_rerun_without_resume(tmp_path, server, capsys):
+    base = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=nothing",
+            f"mlflow.tracking_uri={server.uri}"]
+    err = _one_line_error([*base, "--resume"], capsys)
+    assert "no sweep to resume" in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,266 @@
+"""orchestrator.tracking against one real MLflow server on 127.0.0.1 (started once per module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from core.config import flatten, load_config
+from core.errors import SlotsweepError
+from core.train import train
+from orchestrator import tracking
+from orchestrator.tracking import (
+    ARTIFACT_CHECKPOINT,
+    ARTIFACT_CONFIG,
+    ARTIFACT_VISUALS,
+    TAG_GIT,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_SWEEP,
+    TAG_SWEEP_KEY,
+    TAG_TRIAL,
+    LocalServer,
+    TrialLogger,
+    check_tracking_uri,
+    client_for,
+    find_trial_run,
+    finish_run,
+    get_or_create_experiment,
+    get_or_create_sweep_run,
+    get_or_create_trial_run,
+    log_params,
+    resolve_tracking_uri,
+    runs_of_sweep,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return client_for(server.uri)
+
+
+@pytest.fixture()
+def experiment(client, request):
+    return get_or_create_experiment(client, request.node.name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    """A live (not zombie) process in process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_server_answers_and_uri_checks(server):
+    assert server.uri.startswith("http://127.0.0.1:") and server.uri.endswith(f":{server.port}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{server.uri}/health", timeout=5) as response:
+        assert response.status == 200
+    assert (server.root / "mlflow.db").is_file() and (server.root / "server.log").is_file()
+    check_tracking_uri(server.uri)
+    check_tracking_uri(server.uri + "/")
+    check_tracking_uri(f"sqlite:///{server.root / 'other.db'}")  # absolute sqlite is allowed
+
+
+@pytest.mark.parametrize(("uri", "words"), [
+    ("http://127.0.0.1:{port}", "unreachable"),
+    ("sqlite:///relative.db", "relative"),
+    ("file:./mlruns", "file store"),
+    ("./mlruns", "file store"),
+    ("ftp://example.org/x", "unsupported scheme"),
+])  # fmt: skip
+def test_check_tracking_uri_fails_one_line(uri, words):
+    uri = uri.format(port=_free_port())  # a port nobody listens on
+    with pytest.raises(SlotsweepError) as info:
+        check_tracking_uri(uri)
+    message = str(info.value)
+    assert words in message and "\n" not in message and uri in message
+
+
+def test_resolve_tracking_uri(monkeypatch):
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    assert resolve_tracking_uri(None) is None
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://env:5000")
+    assert resolve_tracking_uri(None) == "http://env:5000"
+    assert resolve_tracking_uri("http://cfg:5000") == "http://cfg:5000"
+
+
+def test_deleted_experiment_is_an_error(client):
+    client.delete_experiment(get_or_create_experiment(client, "gone"))
+    with pytest.raises(SlotsweepError, match="restore"):
+        get_or_create_experiment(client, "gone")
+
+
+def test_sweep_and_trial_runs_are_found_again(client, experiment, monkeypatch):
+    monkeypatch.setattr(tracking, "git_commit", lambda: "a" * 40)
+    sweep = get_or_create_sweep_run(client, experiment, "key-1", "my sweep", {"extra": "x"})
+    tags = client.get_run(sweep).data.tags
+    assert tags[TAG_KIND] == "sweep" and tags[TAG_SWEEP] == "my sweep"
+    assert tags[TAG_SWEEP_KEY] == "key-1" and tags[TAG_GIT] == "a" * 40 and tags["extra"] == "x"
+    finish_run(client, sweep, "KILLED")
+    assert get_or_create_sweep_run(client, experiment, "key-1", "my sweep") == sweep
+    assert client.get_run(sweep).info.status == "RUNNING"
+    assert get_or_create_sweep_run(client, experiment, "key-2", "my sweep") != sweep
+
+    first = get_or_create_trial_run(client, experiment, sweep, "t_00000", "trial 0")
+    other = get_or_create_trial_run(client, experiment, sweep, "t_00001", "trial 1")
+    finish_run(client, first, "FAILED")
+    # Tuner.restore: a new process asks again for the same trial and gets the same run
+    again = get_or_create_trial_run(client, experiment, sweep, "t_00000", "trial 0")
+    assert again == first != other
+    assert find_trial_run(client, experiment, sweep, "t_00001") == other
+    assert find_trial_run(client, experiment, sweep, "t_00002") is None
+    assert client.get_run(first).info.status == "RUNNING"
+    tags = client.get_run(first).data.tags
+    assert tags[TAG_PARENT] == sweep and tags[TAG_TRIAL] == "t_00000" and tags[TAG_KIND] == "trial"
+    children = runs_of_sweep(client, experiment, sweep)
+    assert [r.info.run_id for r in children] == [first, other]
+    with pytest.raises(SlotsweepError):
+        finish_run(client, first, "DONE")
+
+
+def test_log_params_resume_change_and_limits(client, experiment):
+    run = client.create_run(experiment).info.run_id
+    params = {"a": 1, "lr": 0.001, "dims": [64, 64], "nested": {"b": True}, "long": "x" * 7000,
+              **{f"p{i}": i for i in range(150)}}  # more than one batch of 100
+    assert log_params(client, run, params) == []
+    assert log_params(client, run, params) == []  # a resumed trial logs the same again
+    assert log_params(client, run, {**params, "lr": 0.01}) == ["lr"]
+    data = client.get_run(run).data
+    assert data.params["lr"] == "0.001" and data.tags["param_changed.lr"] == "0.01"
+    assert data.params["dims"] == "[64, 64]" and data.params["nested.b"] == "True"
+    assert len(data.params["long"]) == 6000 and data.params["long"].endswith("...")
+    assert data.params["p149"] == "149"
+
+
+def test_trial_logger_logs_a_real_training_run(client, experiment, server, tmp_path,
+                                               tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SLOTSWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    cfg = load_config("tiny", ["trainer.max_steps=2"])
+    run = client.create_run(experiment).info.run_id
+    logger = TrialLogger(server.uri, run, params=flatten(cfg))
+    train(cfg, callbacks=[logger], run_dir=tmp_path / "run", progress_bar=False)
+    data = client.get_run(run).data
+    assert data.params["globals.NUM_SLOTS"] == "3"
+    assert [m.step for m in client.get_metric_history(run, "train/loss")] == [1, 2]
+    for key in ("val/ari", "val/mbo"):
+        history = client.get_metric_history(run, key)
+        assert [m.step for m in history] == [2] and 0.0 <= history[0].value <= 1.0
+    assert all(key.startswith(("train/", "val/")) for key in data.metrics)
+    listed = {a.path for folder in (ARTIFACT_CONFIG, ARTIFACT_VISUALS, ARTIFACT_CHECKPOINT)
+              for a in client.list_artifacts(run, folder)}
+    assert listed == {"config/config.yaml", "visualizations/step=2.png",
+                      "checkpoints/best.ckpt"}
+    # a restored trial (fresh callback, same run) does not send the visualisations again
+    again = TrialLogger(server.uri, run)
+    sent = []
+    monkeypatch.setattr(MlflowClient, "log_artifact", lambda self, *a: sent.append(a[1]))
+    again.upload_artifacts(tmp_path / "run", checkpoint=False)
+    assert sent == [str(tmp_path / "run" / "config.yaml")]
+
+
+class _Broken:
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def log_batch(self, *args, **kwargs) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("server went away\nsecond line")
+
+
+def _trainer(rank0: bool = True, step: int = 4) -> SimpleNamespace:
+    metrics = {"train/loss": torch.tensor(1.5), "val/ari": torch.tensor(0.5)}
+    return SimpleNamespace(is_global_zero=rank0, global_step=step, log_every_n_steps=2,
+                           max_steps=100, callback_metrics=metrics, sanity_checking=False)
+
+
+def test_trial_logger_retries_then_warns_and_never_raises(capsys):
+    logger = TrialLogger("http://127.0.0.1:1", "run")
+    logger.retry_delays = (0.0, 0.0, 0.0)
+    logger._client = flaky = _Broken(failures=2)
+    logger.on_train_batch_end(_trainer(), None, None, None, 0)
+    assert flaky.calls == 3 and capsys.readouterr().err == ""  # transient: retried, logged
+    logger._client = broken = _Broken(failures=99)
+    logger.on_train_batch_end(_trainer(step=6), None, None, None, 0)
+    err = capsys.readouterr().err
+    assert broken.calls == 4 and err.count("\n") == 1 and "server went away" in err
+    logger.on_train_batch_end(_trainer(step=8), None, None, None, 0)
+    assert broken.calls == 4  # paused after a failure: training is not stalled at every step
+
+
+def test_trial_logger_is_silent_on_other_ranks_and_between_log_steps():
+    logger = TrialLogger("http://127.0.0.1:1", "run")
+    logger._client = spy = _Broken(failures=0)
+    logger.on_train_batch_end(_trainer(rank0=False), None, None, None, 0)
+    logger.on_validation_end(_trainer(rank0=False), None)
+    logger.on_train_batch_end(_trainer(step=3), None, None, None, 0)  # log_every_n_steps=2
+    assert spy.calls == 0
+
+
+def test_server_start_failures_are_one_line(server, tmp_path):
+    with pytest.raises(SlotsweepError, match="not free"):  # another server answers there
+        LocalServer.start(tmp_path / "taken", port=server.port)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "mlflow.db").write_text("not a database")
+    with pytest.raises(SlotsweepError) as info:
+        LocalServer.start(tmp_path / "bad", timeout=60)
+    message = str(info.value)
+    assert "\n" not in message and "exited" in message and "file is not a database" in message
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    script = ("import sys, time\nfrom pathlib import Path\n"
+              "from orchestrator.tracking import LocalServer\n"
+              "server = LocalServer.start(Path(sys.argv[1]))\n"
+              "Path(sys.argv[2]).write_text(str(server.pid))\ntime.sleep(300)\n")
+    pid_file = tmp_path / "pid"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "srv"), str(pid_file)],
+                              cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the server did not start"
+        server_pid = int(pid_file.read_text())
+        assert _group_alive(server_pid)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while _group_alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(server_pid):
+        os.killpg(server_pid, signal.SIGKILL)
+        pytest.fail("the MLflow server outlived the process that started it")
