@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-DEMO   ?= runs/demo
 
 .PHONY: install demo test test-slow lint format bench clean
 
@@ -15,10 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The quickstart sweep: 4 tiny trials, 2 at a time, on a CPU (~1 minute after installing).
 demo: $(STAMP)
-	$(BIN)/slotsweep make-data synthetic --out $(DEMO)/data --videos 24 --frames 8 --size 64 --seed 0
-	$(BIN)/slotsweep check-data --data-dir $(DEMO)/data --ep-length 8 --img-size 64
-	$(BIN)/slotsweep train tiny --log-dir $(DEMO)/logs
+	$(BIN)/slotsweep sweep sweeps/quickstart.yaml name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,10 +30,12 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/metrics_bench.py
 	$(BIN)/python bench/loader_bench.py
+	$(BIN)/python bench/train_speed.py tiny --steps 20 --warmup 5
+	$(BIN)/python bench/sweep_overhead.py --trials 4
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(DEMO) .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache

@@ -29,7 +29,14 @@ from orchestrator.progress import (
     format_table,
     short_key,
 )
-from orchestrator.trial import ERROR_KEY, STATUS_KEY, TrialContext, run_dir_of, run_trial
+from orchestrator.trial import (
+    ERROR_KEY,
+    STATUS_KEY,
+    TrialContext,
+    run_dir_of,
+    run_trial,
+    trial_dirname,
+)
 
 BEST_JSON = "best.json"
 SPEC_YAML = "sweep.yaml"
@@ -63,6 +70,7 @@ def _quiet() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banner
 
 
 def local_resources() -> dict[str, float]:
@@ -124,8 +132,9 @@ def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
         tune_config=tune.TuneConfig(
             search_alg=specs.make_search_alg(spec),
             scheduler=specs.make_scheduler(spec, cfg.trainer.val_check_interval),
-            num_samples=specs.num_samples(spec),
-            max_concurrent_trials=spec.concurrency,
+            num_samples=specs.num_samples(spec),  # concurrency: enforced by the searcher
+            trial_dirname_creator=trial_dirname,
+            reuse_actors=True,  # a warm worker skips re-importing torch + Lightning (~6 s)
         ),
         run_config=tune.RunConfig(
             name=spec.name,
@@ -147,8 +156,7 @@ def _key(spec: specs.SweepSpec, metrics: dict[str, Any]) -> tuple[float, float]:
 
 def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict[str, Any]:
     """One trial's outcome: status, sampled values, its best reported step, checkpoint, run."""
-    trial_id = Path(result.path).name.split("_", 2)[-1] if result.path else "?"
-    trial_id = result.metrics.get("trial_id", trial_id)
+    trial_id = result.metrics.get("trial_id") or Path(result.path).name.split("_", 2)[-1]
     run_dir = run_dir_of(sweep_dir, trial_id)
     info = json.loads((run_dir / "trial.json").read_text()) if (run_dir / "trial.json").is_file() \
         else {}
@@ -158,7 +166,9 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
     elif status == "diverged":
         state, error = DIVERGED, result.metrics.get(ERROR_KEY)
     else:
-        state, error = (DONE if status == "done" else STOPPED), None
+        last = result.metrics.get("step") or 0
+        planned = result.config.get("trainer.max_steps") or specs.max_steps(spec)
+        state, error = (DONE if status == "done" or last >= planned else STOPPED), None
     best: dict[str, Any] | None = None
     frame = result.metrics_dataframe
     if frame is not None and spec.select.metric in frame:
@@ -173,6 +183,7 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
     metric_keys = [m for m in wanted if m]
     return {
         "trial_id": trial_id,
+        "index": info.get("index"),
         "state": state,
         "error": error,
         "sampled": {k: result.config.get(k) for k in spec.search},
@@ -193,6 +204,22 @@ def select_best(spec: specs.SweepSpec, trials: list[dict[str, Any]]) -> dict[str
     return max(scored, key=lambda t: _key(spec, t["metrics"]))
 
 
+def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
+    """Trials the scheduler stopped were ended from outside: close their runs here and give
+    them their best checkpoint, as finished trials have."""
+    status = {DONE: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", DIVERGED: "FAILED"}
+    for t in trials:
+        run_id = t["mlflow_run_id"]
+        if not run_id:
+            continue
+        if t["state"] in (DONE, STOPPED) and t["checkpoint"]:
+            uploaded = {a.path for a in client.list_artifacts(run_id, tracking.ARTIFACT_CHECKPOINT)}
+            if f"{tracking.ARTIFACT_CHECKPOINT}/best.ckpt" not in uploaded:
+                client.log_artifact(run_id, t["checkpoint"], tracking.ARTIFACT_CHECKPOINT)
+        if client.get_run(run_id).info.status == "RUNNING":
+            tracking.finish_run(client, run_id, status[t["state"]])
+
+
 def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dict | None,
                   stream: TextIO) -> None:
     keys = list(spec.search)
@@ -201,7 +228,7 @@ def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dic
     headers = ["trial", "state", "step", *map(short_key, keys), *metrics, "checkpoint",
                "mlflow run"]
     rows = []
-    for t in sorted(trials, key=lambda t: t["trial_id"]):
+    for t in sorted(trials, key=lambda t: (t["index"] is None, t["index"], t["trial_id"])):
         mark = "*" if best is not None and t["trial_id"] == best["trial_id"] else ""
         rows.append([mark + t["trial_id"], t["state"], fmt(t["step"]),
                      *(fmt(t["sampled"].get(k)) for k in keys),
@@ -274,6 +301,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
         }
         (sweep_dir / BEST_JSON).write_text(json.dumps(record, indent=1, default=str))
         client.log_artifact(parent, str(sweep_dir / BEST_JSON))
+        _close_trial_runs(client, trials)
         failed = [t for t in trials if t["state"] in (FAILED, DIVERGED)]
         if best is not None:
             for name, value in best["metrics"].items():

@@ -40,9 +40,15 @@ class TrialContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def trial_index(trial_id: str) -> int:
-    """``"6e7ea_00003"`` -> 3: the trial's position in the sweep (its seed offset)."""
-    return int(trial_id.rsplit("_", 1)[-1])
+def trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial: ``trial_0003_<id>``; the number is the trial's position in the
+    sweep (Tune's experiment tag starts with it, for every search algorithm)."""
+    return f"trial_{int(trial.experiment_tag.split('_', 1)[0]):04d}_{trial.trial_id}"
+
+
+def trial_index(trial_dir: str | Path) -> int:
+    """``.../trial_0003_6e7ea_00003`` -> 3: the trial's position (its seed offset)."""
+    return int(Path(trial_dir).name.split("_")[1])
 
 
 def run_dir_of(sweep_dir: str | Path, trial_id: str) -> Path:
@@ -108,15 +114,14 @@ def _config_for(ctx: TrialContext, sampled: dict[str, Any], index: int):
     return load_config(spec.base, overrides), overrides
 
 
-def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, report: Any,
-                checkpoint_cls: Any, checkpoint: Any, ddp: dict[str, Any] | None = None,
-                rank_zero: bool = True):
+def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index: int,
+                report: Any, checkpoint_cls: Any, checkpoint: Any,
+                ddp: dict[str, Any] | None = None, rank_zero: bool = True):
     """Train (or continue) one trial; returns train()'s result. Runs on every DDP worker."""
     from core.config import flatten
     from core.train import train
     from orchestrator import tracking
 
-    index = trial_index(trial_id)
     cfg, overrides = _config_for(ctx, sampled, index)
     run_dir = run_dir_of(ctx.sweep_dir, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,9 +139,10 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, repor
         callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))
     continue_from = _newest_checkpoint(run_dir, checkpoint)
     select = ctx.spec.select
-    (run_dir / "trial.json").write_text(json.dumps(
-        {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
-         "mlflow_run_id": run_id, "seed": cfg.seed}, indent=1, default=str))
+    if rank_zero:
+        (run_dir / "trial.json").write_text(json.dumps(
+            {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
+             "mlflow_run_id": run_id, "seed": cfg.seed}, indent=1, default=str))
     result = train(
         cfg, callbacks, data_dir=ctx.spec.data_dir, run_dir=run_dir,
         continue_from=continue_from, progress_bar=False,
@@ -177,19 +183,20 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
     from orchestrator import tracking
 
     trial_id = tune.get_context().get_trial_id()
+    index = trial_index(tune.get_context().get_trial_dir())
     torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_trial)))
     workers = int(ctx.spec.resources.workers or 1)
-    if workers > 1:
-        return _run_ddp_trial(sampled, ctx, trial_id, workers)
     done = run_dir_of(ctx.sweep_dir, trial_id) / DONE_JSON
     if done.is_file():  # finished before the driver died; Tune's state had not caught up
         tune.report(json.loads(done.read_text()))
         return
+    if workers > 1:
+        return _run_ddp_trial(sampled, ctx, trial_id, index, workers)
     try:
-        result, run_id = _train_once(ctx, sampled, trial_id, tune.report, tune.Checkpoint,
-                                     tune.get_checkpoint())
+        result, run_id = _train_once(ctx, sampled, trial_id, index, tune.report,
+                                     tune.Checkpoint, tune.get_checkpoint())
     except NonFiniteLossError as exc:
-        _diverged(ctx, trial_id, str(exc))
+        _diverged(ctx, trial_id, index, str(exc))
         tune.report({STATUS_KEY: "diverged", ERROR_KEY: str(exc)})
         return
     tracking.finish_run(tracking.client_for(ctx.tracking_uri), run_id, "FINISHED")
@@ -198,14 +205,14 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
     tune.report(final)
 
 
-def _diverged(ctx: TrialContext, trial_id: str, message: str) -> None:
+def _diverged(ctx: TrialContext, trial_id: str, index: int, message: str) -> None:
     """Mark the trial's MLflow run FAILED with the reason (the sweep goes on)."""
     from orchestrator import tracking
 
     client = tracking.client_for(ctx.tracking_uri)
     run_id = tracking.get_or_create_trial_run(
         client, ctx.experiment_id, ctx.parent_run_id, trial_id,
-        run_name=f"{ctx.spec.name}-{trial_index(trial_id):03d}")
+        run_name=f"{ctx.spec.name}-{index:03d}")
     client.set_tag(run_id, "slotsweep.error", message[:5000])
     tracking.finish_run(client, run_id, "FAILED")
     (run_dir_of(ctx.sweep_dir, trial_id) / "diverged.txt").write_text(message + "\n")
@@ -216,7 +223,8 @@ def _ddp_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-    ctx, sampled, trial_id = config["ctx"], config["sampled"], config["trial_id"]
+    ctx, sampled, trial_id, index = (config["ctx"], config["sampled"], config["trial_id"],
+                                     config["index"])
     use_gpu = torch.cuda.is_available() and ctx.spec.resources.gpus_per_trial > 0
     accelerator = "gpu" if use_gpu else "cpu"
     ddp = {
@@ -227,11 +235,11 @@ def _ddp_worker(config: dict[str, Any]) -> None:
         "trainer_hook": prepare_trainer,
     }
     rank_zero = ray.train.get_context().get_world_rank() == 0
-    _train_once(ctx, sampled, trial_id, ray.train.report, ray.train.Checkpoint,
+    _train_once(ctx, sampled, trial_id, index, ray.train.report, ray.train.Checkpoint,
                 ray.train.get_checkpoint(), ddp, rank_zero=rank_zero)
 
 
-def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str,
+def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str, index: int,
                    workers: int) -> None:
     from ray import train as ray_train
     from ray import tune
@@ -247,7 +255,8 @@ def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str,
         per_worker["GPU"] = gpus / workers
     trainer = TorchTrainer(
         _ddp_worker,
-        train_loop_config={"ctx": ctx, "sampled": sampled, "trial_id": trial_id},
+        train_loop_config={"ctx": ctx, "sampled": sampled, "trial_id": trial_id,
+                           "index": index},
         scaling_config=ray_train.ScalingConfig(
             num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
         run_config=ray_train.RunConfig(
@@ -261,7 +270,7 @@ def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str,
     except Exception as exc:  # Ray wraps worker errors; a NaN is a diverged trial, not a retry
         message = str(exc)
         if "became nan" in message or "became inf" in message:
-            _diverged(ctx, trial_id, message.splitlines()[-1])
+            _diverged(ctx, trial_id, index, message.splitlines()[-1])
             tune.report({STATUS_KEY: "diverged", ERROR_KEY: message.splitlines()[-1]})
             return
         raise
@@ -269,4 +278,8 @@ def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str,
     run = tracking.find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
     if run is not None:
         tracking.finish_run(client, run, "FINISHED")
-    tune.report({STATUS_KEY: "done"})
+    run_dir = run_dir_of(ctx.sweep_dir, trial_id)
+    newest = _newest_checkpoint(run_dir, None)
+    final = {"step": int(newest.stem.split("=", 1)[1]) if newest else 0, STATUS_KEY: "done"}
+    (run_dir / DONE_JSON).write_text(json.dumps(final))
+    tune.report(final)

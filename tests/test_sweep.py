@@ -215,3 +215,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_ddp_trial_runs_on_two_gloo_workers(tmp_path, server):
+    """workers > 1: Ray Train's TorchTrainer with ray.train.lightning inside the Tune trial."""
+    argv = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=ddp", "trials=1",
+            "concurrency=1", "resources.workers=2", f"mlflow.tracking_uri={server.uri}",
+            "mlflow.experiment=ddp"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "ddp" / "best.json").read_text())
+    (trial,) = record["trials"]
+    assert trial["state"] == "DONE" and trial["step"] in (4, 8) and trial["checkpoint"]
+    client = MlflowClient(server.uri)
+    run = client.get_run(trial["mlflow_run_id"])  # rank 0 alone logged, into one run
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id, "val/ari") == [4, 8]
+    _, children = _children(server.uri, "ddp")
+    assert len(children) == 1
