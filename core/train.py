@@ -157,13 +157,17 @@ def train(
     trial that had already finished trains no further).
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from core.data.config import resolve_paths
     from core.data.datamodule import VideoDataModule, backbone_normalization
     from core.data.prepare import ensure_synthetic
-    from core.training.callbacks import BestCheckpoint, RunStateCallback, SlotVisualizer
+    from core.training.callbacks import (
+        BestCheckpoint,
+        RunStateCallback,
+        SlotVisualizer,
+        StepCheckpoint,
+    )
     from core.training.module import SlotModule
 
     _quiet_lightning()
@@ -211,11 +215,7 @@ def train(
         save_config(cfg, run_dir / RESOLVED_CONFIG_NAME)
     ckpt_dir = run_dir / CHECKPOINTS_DIRNAME
 
-    every = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every, save_top_k=-1, save_on_train_epoch_end=False,
-        enable_version_counter=False,  # a resumed run rewrites step=N.ckpt, never step=N-v1.ckpt
-    )
+    every = StepCheckpoint(ckpt_dir, t.checkpoint_every, min(t.val_check_interval, t.max_steps))
     best = BestCheckpoint(run_dir, ckpt_dir / f"{BEST_CHECKPOINT}.ckpt", *select)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     kwargs: dict[str, Any] = dict(

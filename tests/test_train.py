@@ -282,6 +282,7 @@ def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path, monkey
 
     base = MENAGERIE_ARCHS["dino_say_vitb14"]
     monkeypatch.setitem(MENAGERIE_ARCHS, FAKE, MenagerieArch({**base.vit, **TINY}, "teacher"))
+    torch.manual_seed(7)
     vit = VisionTransformer(img_size=224, **{**base.vit, **TINY})
     weights = write_dino_checkpoint(tmp_path / f"{FAKE}.pth", vit)
     overrides = [f"globals.SAYCAM_MODEL={FAKE}", "model.encoder.backbone.weights=pretrained",
@@ -294,6 +295,7 @@ def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path, monkey
                  continue_from=first["checkpoints"][-1], progress_bar=False)
     assert more["global_step"] == 3 and more["mode"] == "resume"
     (tmp_path / "other").mkdir()
+    torch.manual_seed(8)  # other weights (train() leaves the global RNG in a fixed state)
     other = write_dino_checkpoint(tmp_path / "other" / f"{FAKE}.pth",
                                   VisionTransformer(img_size=224, **{**base.vit, **TINY}))
     swapped = [*overrides[:2], f"model.encoder.backbone.checkpoint={other}", overrides[3]]

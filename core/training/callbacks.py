@@ -196,3 +196,28 @@ class BestCheckpoint(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best")
+
+
+class StepCheckpoint(pl.Callback):
+    """``checkpoints/step=N.ckpt`` every ``every`` steps.
+
+    Saved after validation when a validation runs at that step (so the file carries that
+    step's ``val/*`` metrics and a resume does not skip the validation), else at the end of the
+    training batch. Re-saving a step (after a resume) overwrites the file.
+    """
+
+    def __init__(self, dirpath: str | Path, every: int, val_every: int) -> None:
+        self.dir, self.every, self.val_every = Path(dirpath), every, val_every
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step={step}.ckpt"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and step % self.val_every != 0:  # no validation at this step
+            trainer.save_checkpoint(self.path(step))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.sanity_checking and step > 0 and step % self.every == 0:
+            trainer.save_checkpoint(self.path(step))
