@@ -286,6 +286,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
         if not resume:
             (sweep_dir / SPEC_YAML).write_text(specs.to_yaml(spec))
             client.log_artifact(parent, str(sweep_dir / SPEC_YAML))
+            tracking.log_params(client, parent, specs.to_dict(spec))  # searcher seed too
         ctx = TrialContext(spec, str(sweep_dir), uri, experiment_id, parent)
         tuner = _tuner(spec, _trainable(spec, ctx), resume)
         results = tuner.fit()

@@ -232,3 +232,19 @@ def test_a_ddp_trial_runs_on_two_gloo_workers(tmp_path, server):
     assert _steps(client, run.info.run_id, "val/ari") == [4, 8]
     _, children = _children(server.uri, "ddp")
     assert len(children) == 1
+
+
+def test_the_searcher_seed_and_trial_seeds_are_recorded(tmp_path, server):
+    argv = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=seeds", "trials=2",
+            "trainer.max_steps=4", f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=seeds"]
+    assert main(argv) == 0
+    parents, children = _children(server.uri, "seeds")
+    assert parents[0].data.params["algorithm.seed"] == "0"
+    assert parents[0].data.params["algorithm.name"] == "random"
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
+    first = json.loads((tmp_path / "seeds" / "best.json").read_text())["trials"]
+    assert main([*argv[:2], f"storage={tmp_path / 'again'}", *argv[3:]]) == 0
+    again = json.loads((tmp_path / "again" / "seeds" / "best.json").read_text())["trials"]
+    key = lambda t: t["index"]  # noqa: E731
+    assert [t["sampled"] for t in sorted(first, key=key)] == [
+        t["sampled"] for t in sorted(again, key=key)]  # same seed, same trials
