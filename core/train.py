@@ -89,6 +89,14 @@ def _safe_load_weights(module, ckpt, path) -> None:
                           "was it trained with other NUM_SLOTS / SLOT_DIM / backbone?") from None
 
 
+def load_into(module: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a slotsweep checkpoint's weights into a ``SlotModule`` (one-line errors); returns
+    the checkpoint dict."""
+    ckpt = read_checkpoint(path)
+    _safe_load_weights(module, ckpt, path)
+    return ckpt
+
+
 def _stage_of(cfg: Config, ckpt: dict[str, Any]) -> str:
     """``resume`` when the checkpoint was trained with the same model and optimizer, else
     ``stage`` (weights only, fresh optimizer: the seed's two-stage training)."""

@@ -40,12 +40,7 @@ from orchestrator.trial import (
 
 BEST_JSON = "best.json"
 SPEC_YAML = "sweep.yaml"
-MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"
-
-
-def mlflow_root() -> Path:
-    """Where the embedded MLflow server keeps its SQLite store and artifacts."""
-    return Path(os.environ.get(MLFLOW_DIR_ENV, Path.cwd() / "runs" / "mlflow")).resolve()
+mlflow_root = tracking.mlflow_root
 
 
 def sweep_dir_of(spec: specs.SweepSpec) -> Path:
@@ -68,7 +63,7 @@ def _absolute_paths(spec: specs.SweepSpec) -> specs.SweepSpec:
 def _quiet() -> None:
     """Keep the terminal for our table: no Ray/MLflow chatter that a user cannot act on."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    tracking.quiet_mlflow()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banner
 
@@ -298,7 +293,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
                                            "tie_break": spec.select.tie_break},
             "best": best, "trials": trials,
             "mlflow": {"tracking_uri": uri, "experiment": spec.mlflow.experiment,
-                       "experiment_id": experiment_id, "parent_run_id": parent},
+                       "experiment_id": experiment_id, "parent_run_id": parent,
+                       "embedded_store": str(mlflow_root()) if server is not None else None},
         }
         (sweep_dir / BEST_JSON).write_text(json.dumps(record, indent=1, default=str))
         client.log_artifact(parent, str(sweep_dir / BEST_JSON))

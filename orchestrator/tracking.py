@@ -34,6 +34,7 @@ from core.errors import SlotsweepError
 from core.training.callbacks import METRICS_KEY
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"  # the embedded store's folder (default ./runs/mlflow)
 TAG_SWEEP = "slotsweep.sweep"
 TAG_SWEEP_KEY = "slotsweep.sweep_key"
 TAG_TRIAL = "trial_id"
@@ -170,6 +171,20 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def mlflow_root() -> Path:
+    """Where the embedded MLflow server keeps its SQLite store and artifacts."""
+    return Path(os.environ.get(MLFLOW_DIR_ENV, Path.cwd() / "runs" / "mlflow")).resolve()
+
+
+def quiet_mlflow() -> None:
+    """No run links, progress bars or INFO lines from MLflow on our users' terminals."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def check_tracking_uri(uri: str) -> None:

@@ -21,6 +21,7 @@ import torch
 
 RUN_DIRNAME = "trials"
 LAST_CHECKPOINT = "last.ckpt"
+THREADS_TAG = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend on it
 DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep never retrains it
 STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
 ERROR_KEY = "slotsweep_error"
@@ -131,7 +132,8 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
         client = tracking.client_for(ctx.tracking_uri)
         run_id = tracking.get_or_create_trial_run(
             client, ctx.experiment_id, ctx.parent_run_id, trial_id,
-            run_name=f"{ctx.spec.name}-{index:03d}", tags={"slotsweep.seed": str(cfg.seed)},
+            run_name=f"{ctx.spec.name}-{index:03d}",
+            tags={"slotsweep.seed": str(cfg.seed), THREADS_TAG: str(torch.get_num_threads())},
         )
         params = {**flatten(cfg), **{f"sampled.{k}": v for k, v in sampled.items()}}
         callbacks.append(tracking.TrialLogger(ctx.tracking_uri, run_id, params=params))

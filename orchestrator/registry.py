@@ -1,0 +1,204 @@
+"""After a sweep: find it, reach its MLflow store, promote its best checkpoint to the Model
+Registry (``slotsweep promote``), and the MLflow model that serves a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+
+from core.errors import SlotsweepError
+from orchestrator import tracking
+
+CORE_DIR = Path(__file__).resolve().parents[1] / "core"
+MODEL_NAME = "model"  # artifact name of the logged MLflow model inside the trial's run
+OUTPUT_KEYS = ("slots", "masks", "attn_masks")
+
+
+class SlotModelWrapper(mlflow.pyfunc.PythonModel):
+    """An MLflow pyfunc model: a clip (B, T, 3, H, W) float32, normalised like training, in;
+    ``slots`` (B, T, K, D), ``masks`` (B, T, K, h, w) (decoder alpha masks) and ``attn_masks``
+    (slot attention) out, as numpy arrays."""
+
+    def load_context(self, context: Any) -> None:
+        from core.config import load_config
+        from core.models.build import build_model
+
+        # the architecture only: every weight, the backbone's too, comes from the state dict
+        cfg = load_config(context.artifacts["config"], ["model.encoder.backbone.weights=random"])
+        self.model = build_model(cfg).eval()
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow parses the hints
+        video = torch.as_tensor(np.asarray(model_input), dtype=torch.float32)
+        with torch.no_grad():
+            out = self.model({"video": video})
+        h, w = self.model.grid_size
+        return {
+            "slots": out["slots"].numpy(),
+            "masks": out["decoder_masks"].unflatten(-1, (h, w)).numpy(),
+            "attn_masks": out["attn_masks"].unflatten(-1, (h, w)).numpy(),
+        }
+
+
+def find_sweep(sweep: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``best.json`` of a sweep given by name, folder or file, and its contents."""
+    from orchestrator.spec import DEFAULT_STORAGE
+
+    candidates = [Path(sweep), Path(sweep) / "best.json",
+                  DEFAULT_STORAGE / str(sweep) / "best.json"]
+    for path in candidates:
+        if path.is_file() and path.name == "best.json":
+            return path.resolve(), json.loads(path.read_text())
+    raise SlotsweepError(f"no sweep {sweep}: no best.json there or under {DEFAULT_STORAGE}/{sweep} "
+                         "(pass the sweep's folder, e.g. runs/sweeps/NAME, after it finished)")
+
+
+def open_store(uri: str | None, record: dict[str, Any] | None = None):
+    """A tracking URI to talk to, and the server started for it (or None).
+
+    Order: ``uri``; ``MLFLOW_TRACKING_URI``; the sweep's embedded store (a server is started on
+    it); the URI the sweep used."""
+    from orchestrator.tracking import mlflow_root
+
+    tracking.quiet_mlflow()
+    uri = uri or tracking.resolve_tracking_uri(None)
+    store = (record or {}).get("mlflow", {}).get("embedded_store")
+    if uri is None and (store or (mlflow_root() / "mlflow.db").is_file()):
+        server = tracking.LocalServer.start(Path(store) if store else mlflow_root())
+        return server.uri, server
+    uri = uri or (record or {}).get("mlflow", {}).get("tracking_uri")
+    if uri is None:
+        raise SlotsweepError("no MLflow store: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    tracking.check_tracking_uri(uri)
+    return uri, None
+
+
+def _best_step(client: Any, run_id: str, metric: str, mode: str) -> tuple[int, float] | None:
+    history = [m for m in client.get_metric_history(run_id, metric) if not math.isnan(m.value)]
+    if not history:
+        return None
+    sign = 1 if mode == "max" else -1
+    best = max(history, key=lambda m: (sign * m.value, -m.step))
+    return best.step, best.value
+
+
+def choose(record: dict[str, Any], client: Any, metric: str | None, mode: str | None) -> dict:
+    """The (trial, step, checkpoint) to promote: the sweep's best by its own selection metric,
+    or, for another ``metric``, the best step of any trial in MLflow's metric history."""
+    select = record["select"]
+    finished = [t for t in record["trials"]
+                if t["state"] in ("DONE", "STOPPED") and t["checkpoint"]]
+    if not finished:
+        raise SlotsweepError(f"sweep {record['sweep']} has no finished trial with a checkpoint: "
+                             "nothing to promote")
+    if metric in (None, select["metric"]):
+        best = record["best"]
+        return {**best, "metric": select["metric"], "score": best["metrics"][select["metric"]]}
+    mode = mode or ("min" if "loss" in metric else "max")
+    found = []
+    for trial in finished:
+        hit = _best_step(client, trial["mlflow_run_id"], metric, mode)
+        if hit is not None:
+            found.append((trial, *hit))
+    if not found:
+        raise SlotsweepError(f"no trial of sweep {record['sweep']} logged {metric}")
+    sign = 1 if mode == "max" else -1
+    trial, step, value = max(found, key=lambda f: sign * f[2])
+    checkpoint = Path(trial["run_dir"]) / "checkpoints" / f"step={step}.ckpt"
+    if not checkpoint.is_file():
+        raise SlotsweepError(f"trial {trial['trial_id']} has its best {metric} at step {step} but "
+                             f"no checkpoint of that step ({checkpoint})")
+    return {**trial, "step": step, "checkpoint": str(checkpoint), "metric": metric, "score": value}
+
+
+def full_state(run_dir: str | Path, checkpoint: str | Path) -> tuple[Any, dict]:
+    """The trial's config and the whole model's state dict at ``checkpoint`` (a frozen backbone
+    left out of the file is put back from its own weights file)."""
+    from core.config import load_config
+    from core.train import load_into
+    from core.training.module import SlotModule
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    module = SlotModule(cfg)
+    load_into(module, checkpoint)
+    return cfg, module.model.state_dict()
+
+
+def _signature(cfg: Any) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    t, s = cfg.dataset.ep_length, cfg.dataset.img_size
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, t, 3, s, s))]),
+        outputs=Schema([TensorSpec(f32, (-1, t, -1, -1), name="slots"),
+                        TensorSpec(f32, (-1, t, -1, -1, -1), name="masks"),
+                        TensorSpec(f32, (-1, t, -1, -1, -1), name="attn_masks")]),
+    )
+
+
+def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",
+            metric: str | None = None, mode: str | None = None,
+            tracking_uri: str | None = None) -> dict[str, Any]:
+    """Register the sweep's best checkpoint as a new version of ``name`` with ``alias``."""
+    from core.config import config_to_yaml
+
+    _, record = find_sweep(sweep)
+    uri, server = open_store(tracking_uri, record)
+    try:
+        client = tracking.client_for(uri)
+        chosen = choose(record, client, metric, mode)
+        name = name or record["sweep"]
+        cfg, state = full_state(chosen["run_dir"], chosen["checkpoint"])
+        with tempfile.TemporaryDirectory() as tmp:
+            weights, config = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
+            torch.save(state, weights)
+            config.write_text(config_to_yaml(cfg))
+            mlflow.set_tracking_uri(uri)
+            try:
+                with mlflow.start_run(run_id=chosen["mlflow_run_id"]):
+                    info = mlflow.pyfunc.log_model(
+                        name=MODEL_NAME, python_model=SlotModelWrapper(),
+                        artifacts={"weights": str(weights), "config": str(config)},
+                        code_paths=[str(CORE_DIR)], signature=_signature(cfg),
+                        input_example=np.zeros((2, cfg.dataset.ep_length, 3, cfg.dataset.img_size,
+                                                cfg.dataset.img_size), np.float32),
+                        registered_model_name=name, await_registration_for=60,
+                        pip_requirements=["torch", "timm", "omegaconf", "einops",
+                                          "pytorch-lightning", "pyarrow", "scipy"],
+                    )
+            except MlflowException as exc:
+                raise SlotsweepError(_registry_error(uri, exc)) from None
+        version = str(info.registered_model_version)
+        client.set_registered_model_alias(name, alias, version)
+        tags = {"sweep": record["sweep"], "trial": chosen["trial_id"], "step": chosen["step"],
+                "source_run": chosen["mlflow_run_id"], "metric": chosen["metric"],
+                "checkpoint": chosen["checkpoint"]}
+        tags |= {m: v for m, v in (chosen.get("metrics") or {}).items() if v is not None}
+        tags[chosen["metric"]] = chosen["score"]
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
+                "tracking_uri": uri, **{k: chosen[k] for k in ("trial_id", "step", "checkpoint")},
+                "metric": chosen["metric"], "score": chosen["score"]}
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _registry_error(uri: str, exc: MlflowException) -> str:
+    text = str(exc).splitlines()[0][:200]
+    if "registry" in text.lower() or "not supported" in text.lower():
+        return (f"the MLflow store at {uri} has no model registry ({text}): use a database-backed "
+                "store (the embedded SQLite server, or a server on Postgres)")
+    return f"MLflow at {uri} refused the model ({text})"

@@ -1,0 +1,95 @@
+"""``slotsweep rerun RUN_ID [key=value ...]``: one trial again, locally, with ``core`` alone.
+
+The trial's resolved config comes from its MLflow run (artifact ``config/config.yaml``), the
+sweep's data settings from its parent run; training runs in this process (no Ray) into a new
+MLflow run tagged ``rerun_of``. With no override, a CPU rerun repeats the trial's losses and
+validation metrics step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from core.errors import SlotsweepError
+from orchestrator import tracking
+from orchestrator.registry import open_store
+
+RERUN_DIR = Path("runs") / "reruns"
+COMPARED = ("train/loss", "val/ari", "val/mbo")
+
+
+def _get_run(client: Any, run_id: str, uri: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise SlotsweepError(f"unknown MLflow run {run_id} at {uri}: copy the id from the sweep "
+                             "table, best.json or the MLflow UI") from None
+
+
+def compare(client: Any, original: str, rerun: str, keys: tuple[str, ...] = COMPARED) -> dict:
+    """``{metric: (steps compared, max |difference|)}`` over the steps both runs logged."""
+    out = {}
+    for key in keys:
+        a = {m.step: m.value for m in client.get_metric_history(original, key)}
+        b = {m.step: m.value for m in client.get_metric_history(rerun, key)}
+        steps = sorted(set(a) & set(b))
+        diffs = [abs(a[s] - b[s]) for s in steps if not (math.isnan(a[s]) and math.isnan(b[s]))]
+        out[key] = (len(steps), max(diffs) if diffs else 0.0)
+    return out
+
+
+def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | None = None,
+          log_dir: str | Path = RERUN_DIR) -> dict[str, Any]:
+    """Train the trial of MLflow run ``run_id`` again here; returns the new run and a comparison."""
+    from core.config import flatten, load_config
+    from core.train import train
+
+    uri, server = open_store(tracking_uri)
+    try:
+        client = tracking.client_for(uri)
+        original = _get_run(client, run_id, uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run_id, f"{tracking.ARTIFACT_CONFIG}/config.yaml",
+                                                 tmp)
+            except (MlflowException, OSError):
+                raise SlotsweepError(f"run {run_id} has no config/config.yaml artifact: it was "
+                                     "not logged by slotsweep") from None
+            cfg = load_config(path, list(overrides))
+        parent_id = original.data.tags.get(tracking.TAG_PARENT)
+        parent = client.get_run(parent_id) if parent_id else None
+        params = parent.data.params if parent else {}
+        data_dir = params.get("data_dir") if params.get("data_dir") not in (None, "None") else None
+        tie = params.get("select.tie_break")
+        select = (params.get("select.metric", "val/ari"), params.get("select.mode", "max"),
+                  None if tie in (None, "", "None") else tie)
+        new = client.create_run(
+            original.info.experiment_id,
+            run_name=f"rerun-of-{original.info.run_name or run_id[:8]}",
+            tags={tracking.TAG_RERUN_OF: run_id, tracking.TAG_KIND: "rerun",
+                  **({"overrides": " ".join(overrides)} if overrides else {})},
+        ).info.run_id
+        threads = original.data.tags.get("slotsweep.torch_threads")
+        if threads:  # float sums on a CPU depend on the number of threads
+            import torch
+
+            torch.set_num_threads(int(threads))
+        logger = tracking.TrialLogger(uri, new, params=flatten(cfg))
+        try:
+            result = train(cfg, [logger], data_dir=data_dir, run_dir=Path(log_dir) / new,
+                           select=select, progress_bar=False)
+        except BaseException:
+            tracking.finish_run(client, new, "FAILED")
+            raise
+        tracking.finish_run(client, new, "FINISHED")
+        return {"run_id": new, "rerun_of": run_id, "tracking_uri": uri,
+                "run_dir": result["run_dir"], "best_checkpoint": result["best_checkpoint"],
+                "metrics": result["metrics"], "comparison": compare(client, run_id, new)}
+    finally:
+        if server is not None:
+            server.stop()

@@ -1,0 +1,133 @@
+"""After the sweep: promote to the Model Registry and rerun a trial locally (real MLflow server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One finished 2-trial sweep logged to a real MLflow server."""
+    base = tmp_path_factory.mktemp("registry")
+    env = {"SLOTSWEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    with tracking.LocalServer.start(base / "mlflow") as server:
+        argv = ["sweep", str(QUICKSTART), f"storage={base}", "name=reg", "trials=2",
+                f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=reg"]
+        assert main(argv) == 0
+        yield server, base / "reg", json.loads((base / "reg" / "best.json").read_text())
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _checkpoint_outputs(run_dir: str, checkpoint: str, clip: torch.Tensor) -> dict:
+    from core.models.build import build_model
+    from orchestrator.registry import full_state
+
+    cfg, state = full_state(run_dir, checkpoint)
+    model = build_model(cfg).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        out = model({"video": clip})
+    return {"slots": out["slots"].numpy(), "masks": out["decoder_masks"].numpy()}
+
+
+def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys):
+    server, sweep_dir, record = swept
+    assert main(["promote", str(sweep_dir), "--name", "slots", "--tracking-uri", server.uri]) == 0
+    assert "registered slots version 1 as @champion" in capsys.readouterr().out
+    client = MlflowClient(server.uri)
+    version = client.get_model_version_by_alias("slots", "champion")
+    best = record["best"]
+    assert version.version == "1" and version.tags["trial"] == best["trial_id"]
+    assert version.tags["source_run"] == best["mlflow_run_id"]
+    assert float(version.tags["val/ari"]) == pytest.approx(best["metrics"]["val/ari"])
+    mlflow.set_tracking_uri(server.uri)
+    loaded = mlflow.pyfunc.load_model("models:/slots@champion")
+    clip = torch.randn(2, 2, 3, 56, 56)
+    got = loaded.predict(clip.numpy())
+    want = _checkpoint_outputs(best["run_dir"], best["checkpoint"], clip)
+    assert got["slots"].shape == want["slots"].shape == (2, 2, 4, 16)
+    np.testing.assert_allclose(got["slots"], want["slots"], atol=1e-6)
+    np.testing.assert_allclose(got["masks"].reshape(want["masks"].shape), want["masks"],
+                               atol=1e-6)
+    # promoting again (here: by another metric) moves the alias; the old version stays
+    assert main(["promote", str(sweep_dir), "--name", "slots", "--metric", "val/mbo",
+                 "--tracking-uri", server.uri]) == 0
+    moved = client.get_model_version_by_alias("slots", "champion")
+    assert moved.version == "2" and moved.tags["metric"] == "val/mbo"
+    assert client.get_model_version("slots", "1").version == "1"
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slotsweep: error: ") and "\n" not in err, err
+    return err
+
+
+def test_promote_bad_input(swept, tmp_path, capsys):
+    server, sweep_dir, record = swept
+    assert "no sweep nowhere" in _error(["promote", "nowhere", "--tracking-uri", server.uri],
+                                        capsys)
+    failed = {**record, "trials": [{**t, "state": "FAILED"} for t in record["trials"]]}
+    (tmp_path / "best.json").write_text(json.dumps(failed))
+    err = _error(["promote", str(tmp_path), "--tracking-uri", server.uri], capsys)
+    assert "no finished trial" in err
+    err = _error(["promote", str(sweep_dir), "--tracking-uri", f"file://{tmp_path}/mlruns"],
+                 capsys)
+    assert "file" in err.lower()
+
+
+def test_rerun_reproduces_the_trial_without_ray(swept, tmp_path):
+    server, _, record = swept
+    trial = record["best"]
+    code = (
+        "import sys; from orchestrator.cli import main; "
+        "a = sys.argv; rc = main(['rerun', a[1], '--tracking-uri', a[2], '--log-dir', a[3]]);"
+        " print('RAY_LOADED', any(m.split('.')[0] == 'ray' for m in sys.modules)); sys.exit(rc)"
+    )
+    env = {**os.environ, "SLOTSWEEP_CACHE": os.environ.get("SLOTSWEEP_CACHE", "")}
+    proc = subprocess.run([sys.executable, "-c", code, trial["mlflow_run_id"], server.uri,
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RAY_LOADED False" in proc.stdout
+    client = MlflowClient(server.uri)
+    reruns = client.search_runs(
+        [record["mlflow"]["experiment_id"]],
+        filter_string=f"tags.rerun_of = '{trial['mlflow_run_id']}'")
+    assert len(reruns) == 1
+    new = reruns[0].info.run_id
+    for key in ("train/loss", "val/ari", "val/mbo"):
+        a = {m.step: m.value for m in client.get_metric_history(trial["mlflow_run_id"], key)}
+        b = {m.step: m.value for m in client.get_metric_history(new, key)}
+        assert set(a) == set(b) and a, key
+        for step in a:
+            assert b[step] == pytest.approx(a[step], abs=1e-6), (key, step)
+
+
+def test_rerun_unknown_run(swept, capsys):
+    server, _, _ = swept
+    err = _error(["rerun", "0123456789abcdef0123456789abcdef", "--tracking-uri", server.uri],
+                 capsys)
+    assert "unknown MLflow run 0123456789abcdef0123456789abcdef" in err
