@@ -113,11 +113,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         shutdown_ray()
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.submit import submit
+
+    return submit(args.file, args.address, list(args.overrides), follow=args.follow,
+                  token=args.token, mlflow_uri=args.mlflow_uri)
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import time
 
-    from orchestrator.sweep import mlflow_root
-    from orchestrator.tracking import LocalServer
+    from orchestrator.tracking import LocalServer, mlflow_root
 
     root = Path(args.store).resolve() if args.store else mlflow_root()
     if not (root / "mlflow.db").is_file():
@@ -126,6 +132,30 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         print(f"MLflow UI: {server.uri}  (store {root}; Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from orchestrator.registry import promote
+
+    out = promote(args.sweep, name=args.name, alias=args.alias, metric=args.metric,
+                  mode=args.mode, tracking_uri=args.tracking_uri)
+    print(f"registered {out['name']} version {out['version']} as @{out['alias']}: "
+          f"trial {out['trial_id']} step {out['step']}, {out['metric']}={out['score']:.4f}")
+    print(f"  load it: mlflow.pyfunc.load_model('{out['uri']}')  (tracking URI "
+          f"{out['tracking_uri']})")
+    return 0
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    from orchestrator.rerun import rerun
+
+    out = rerun(args.run_id, list(args.overrides), tracking_uri=args.tracking_uri,
+                log_dir=args.log_dir)
+    print(f"rerun of {out['rerun_of']}: MLflow run {out['run_id']}, folder {out['run_dir']}")
+    for key, (steps, diff) in out["comparison"].items():
+        if steps:
+            print(f"  {key}: {steps} steps compared with the original, max |diff| {diff:.3g}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +186,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finish an interrupted sweep: finished trials are kept, interrupted "
                        "ones continue from their last checkpoint")
     sweep.set_defaults(func=_cmd_sweep)
+
+    subm = sub.add_parser(
+        "submit", help="run a sweep file as a Ray job on a cluster (Jobs API)",
+        description="Submit a sweep to a Ray cluster: the project is uploaded and the head runs "
+        "`slotsweep sweep FILE key=value ...`. The cluster needs an MLflow server every node can "
+        "reach (--mlflow-uri, mlflow.tracking_uri or MLFLOW_TRACKING_URI).",
+    )
+    subm.add_argument("file", help="sweep YAML inside the project (a path, or a name in sweeps/)")
+    subm.add_argument("overrides", nargs="*", help="key=value, as for `slotsweep sweep`")
+    subm.add_argument("--address", default=None,
+                      help="the head's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+    subm.add_argument("--follow", action="store_true",
+                      help="stream the job's logs; exit 0 if it succeeded, else 1")
+    subm.add_argument("--token", default=None,
+                      help="the cluster's token (`ray get-auth-token` on the head; default: "
+                      "$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    subm.add_argument("--mlflow-uri", default=None,
+                      help="MLflow server for the job (default: the file's, $MLFLOW_TRACKING_URI)")
+    subm.set_defaults(func=_cmd_submit)
+
+    prom = sub.add_parser(
+        "promote", help="register a sweep's best checkpoint in the MLflow Model Registry")
+    prom.add_argument("sweep", help="sweep name (runs/sweeps/NAME), folder or best.json")
+    prom.add_argument("--metric", default=None, help="select by this metric instead (val/mbo)")
+    prom.add_argument("--mode", choices=("max", "min"), default=None)
+    prom.add_argument("--name", default=None, help="registered model name (default: the sweep's)")
+    prom.add_argument("--alias", default="champion")
+    prom.add_argument("--tracking-uri", default=None)
+    prom.set_defaults(func=_cmd_promote)
+
+    rer = sub.add_parser("rerun", help="train one trial again locally (no Ray) from its MLflow run")
+    rer.add_argument("run_id", help="the trial's MLflow run id")
+    rer.add_argument("overrides", nargs="*", help="key=value config overrides")
+    rer.add_argument("--tracking-uri", default=None)
+    rer.add_argument("--log-dir", default="runs/reruns")
+    rer.set_defaults(func=_cmd_rerun)
 
     ui = sub.add_parser("ui", help="serve the embedded MLflow store (runs/mlflow) in a browser")
     ui.add_argument("--port", type=int, default=5000)

@@ -1,0 +1,9 @@
+# syntax=docker/dockerfile:1
+# The team MLflow server: the official image plus the Postgres driver (backend store) and boto3
+# (artifacts in MinIO/S3). Built by docker/compose.yaml (context: docker/, nothing is copied):
+#   docker build -f docker/mlflow.Dockerfile -t slotsweep-mlflow:latest docker
+FROM ghcr.io/mlflow/mlflow:v3.17.2
+
+LABEL org.opencontainers.image.title="slotsweep-mlflow"
+
+RUN pip install --no-cache-dir psycopg2-binary boto3
