@@ -139,12 +139,6 @@ def head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with tracking.LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
-        yield srv
-
-
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     """No token, cluster or MLflow server leaks in from the user's environment or HOME."""

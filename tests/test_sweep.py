@@ -20,12 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with tracking.LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
-        yield srv
-
-
 @pytest.fixture(autouse=True)
 def _env(tmp_path_factory, monkeypatch):
     base = tmp_path_factory.getbasetemp()

@@ -47,12 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return client_for(server.uri)
 
