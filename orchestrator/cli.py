@@ -141,8 +141,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
                   mode=args.mode, tracking_uri=args.tracking_uri)
     print(f"registered {out['name']} version {out['version']} as @{out['alias']}: "
           f"trial {out['trial_id']} step {out['step']}, {out['metric']}={out['score']:.4f}")
-    print(f"  load it: mlflow.pyfunc.load_model('{out['uri']}')  (tracking URI "
-          f"{out['tracking_uri']})")
+    where = (f"tracking URI {out['tracking_uri']}" if out["tracking_uri"] else
+             "embedded store: run `slotsweep ui`, then MLFLOW_TRACKING_URI=http://127.0.0.1:5000")
+    print(f"  load it: mlflow.pyfunc.load_model('{out['uri']}')  ({where})")
     return 0
 
 

@@ -189,7 +189,8 @@ def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, str(value))
         return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
-                "tracking_uri": uri, **{k: chosen[k] for k in ("trial_id", "step", "checkpoint")},
+                "tracking_uri": None if server is not None else uri,
+                **{k: chosen[k] for k in ("trial_id", "step", "checkpoint")},
                 "metric": chosen["metric"], "score": chosen["score"]}
     finally:
         if server is not None:
