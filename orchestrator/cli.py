@@ -159,6 +159,24 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from core.tools import extract_features
+
+    path = extract_features(args.checkpoint, args.output_dir, data_dir=args.data_dir,
+                            split=args.split, batch_size=args.batch_size)
+    print(f"wrote {path} (slots of every {args.split} clip; index in {path.with_suffix('.json')})")
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from core.tools import visualize
+
+    paths = visualize(args.checkpoint, args.output_dir, data_dir=args.data_dir,
+                      clips=args.clips, split=args.split)
+    print(f"wrote {len(paths)} images to {paths[0].parent if paths else args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from core.train import build_parser as build_train_parser
 
@@ -228,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--store", default=None, help="MLflow folder (default: runs/mlflow)")
     ui.set_defaults(func=_cmd_ui)
+
+    ext = sub.add_parser("extract-features", help="slots of every clip of a split, from a "
+                         "trained checkpoint (the seed's extract_features.py)")
+    ext.add_argument("--checkpoint", required=True)
+    ext.add_argument("--data-dir", default=None, help="dataset root (default: the training's)")
+    ext.add_argument("--output-dir", default="features")
+    ext.add_argument("--split", default="val")
+    ext.add_argument("--batch-size", type=int, default=None)
+    ext.set_defaults(func=_cmd_extract)
+
+    vis = sub.add_parser("visualize", help="slot masks of a trained checkpoint as images "
+                         "(the seed's visualize_slots.py)")
+    vis.add_argument("--checkpoint", required=True)
+    vis.add_argument("--data-dir", default=None, help="dataset root (default: the training's)")
+    vis.add_argument("--output-dir", default=None,
+                     help="default: <run>/visualizations/<checkpoint name>/")
+    vis.add_argument("--clips", type=int, default=4)
+    vis.add_argument("--split", default="val")
+    vis.set_defaults(func=_cmd_visualize)
 
     make = sub.add_parser("make-data", help="write a generated dataset to disk")
     make_sub = make.add_subparsers(dest="kind", metavar="KIND", required=True)

@@ -1,0 +1,119 @@
+"""The seed's after-training tools on a trained checkpoint, with ``core`` alone:
+
+    slotsweep extract-features --checkpoint CKPT --data-dir D --output-dir ./features
+    slotsweep visualize --checkpoint CKPT [--data-dir D] [--output-dir O] [--clips 4]
+
+Both read the resolved config stored inside the checkpoint, so they need nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import ConfigError
+
+
+def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
+    """(config, SlotModule in eval mode) from a slotsweep checkpoint."""
+    from core.config import load_config
+    from core.train import load_into, read_checkpoint
+    from core.training.callbacks import CONFIG_KEY
+    from core.training.module import SlotModule
+
+    ckpt = read_checkpoint(checkpoint)
+    if CONFIG_KEY not in ckpt:
+        raise ConfigError(f"checkpoint {checkpoint} carries no config: not written by slotsweep")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(ckpt[CONFIG_KEY])
+        cfg = load_config(path)
+    module = SlotModule(cfg)
+    load_into(module, checkpoint)
+    return cfg, module.eval()
+
+
+def _clips(cfg: Any, data_dir: str | Path | None, split: str, batch_size: int | None):
+    from core.data.clips import ClipDataset
+    from core.data.config import resolve_paths
+    from core.data.datamodule import backbone_normalization, load_records
+    from core.data.prepare import ensure_synthetic
+
+    dataset = cfg.dataset
+    if data_dir is not None:  # the checkpoint's paths are absolute: a new root replaces them
+        dataset = replace(dataset, json_dir=None, img_dir=None, mask_dir=None)
+    data_dir = ensure_synthetic(dataset, data_dir) or data_dir
+    dataset = resolve_paths(dataset, data_dir)
+    backbone = cfg.model.encoder.backbone
+    mean, std = backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
+    records = load_records(dataset, split)
+    clips = ClipDataset(records, dataset.ep_length, dataset.img_size, mean, std, train=False,
+                        val_clips=dataset.val_clips, resize=dataset.resize)
+    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size or dataset.batch_size)
+    return records, loader, (mean, std)
+
+
+def extract_features(checkpoint: str | Path, output_dir: str | Path,
+                     data_dir: str | Path | None = None, split: str = "val",
+                     batch_size: int | None = None) -> Path:
+    """Slots of every fixed clip of ``split`` -> ``<output_dir>/<split>.pt``.
+
+    The file holds ``slots`` (N, T, K, D) float32, ``video_ids`` and ``starts`` (which clip),
+    ``objects`` (each clip's video's object attributes, when the index has them) and the config.
+    """
+    from core.config import config_to_yaml
+
+    cfg, module = load_trained(checkpoint)
+    records, loader, _ = _clips(cfg, data_dir, split, batch_size)
+    slots, ids, starts = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = module.model({"video": batch["video"]})
+            slots.append(out["slots"].float())
+            ids += [records[i].id for i in batch["video_index"].tolist()]
+            starts += batch["start"].tolist()
+    objects = {r.id: r.objects for r in records}
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"{split}.pt"
+    torch.save({"slots": torch.cat(slots), "video_ids": ids, "starts": starts,
+                "objects": [objects[i] for i in ids], "checkpoint": str(checkpoint),
+                "config": config_to_yaml(cfg)}, path)
+    (output / f"{split}.json").write_text(json.dumps(
+        {"clips": len(ids), "slots_shape": list(torch.cat(slots).shape), "split": split,
+         "checkpoint": str(checkpoint)}, indent=1))
+    return path
+
+
+def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
+              data_dir: str | Path | None = None, clips: int = 4, split: str = "val") -> list[Path]:
+    """Frames, per-slot masks, overlay and feature reconstructions of the first ``clips``
+    validation clips as PNGs (default folder: beside the checkpoint's run)."""
+    import numpy as np
+    from PIL import Image
+
+    from core.training.callbacks import slot_grid
+
+    cfg, module = load_trained(checkpoint)
+    _, loader, (mean, std) = _clips(cfg, data_dir, split, clips)
+    ckpt = Path(checkpoint)
+    output = Path(output_dir) if output_dir else ckpt.parent.parent / "visualizations" / ckpt.stem
+    output.mkdir(parents=True, exist_ok=True)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        out = module.model({"video": batch["video"]})
+    masks = module._masks(out)
+    written = []
+    for i in range(min(clips, batch["video"].shape[0])):
+        grid = slot_grid(batch["video"][i], masks[i], mean, std, out["features"][i],
+                         out["reconstruction"][i])
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        path = output / f"clip{i:02d}.png"
+        Image.fromarray(array).save(path)
+        written.append(path)
+    return written
