@@ -122,11 +122,6 @@ def _run_dir(log_dir: Path, experiment: str) -> Path:
     return candidate
 
 
-def _step_of(path: str) -> int:
-    """``.../step=2500.ckpt`` -> 2500 (checkpoints sort by step, not by name)."""
-    return int(Path(path).stem.split("=", 1)[1])
-
-
 def _precision(cfg: Config) -> str:
     precision = PRECISIONS[str(cfg.trainer.precision)]
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
@@ -175,6 +170,7 @@ def train(
         RunStateCallback,
         SlotVisualizer,
         StepCheckpoint,
+        step_of,
     )
     from core.training.module import SlotModule
 
@@ -258,7 +254,7 @@ def train(
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    checkpoints = sorted((str(p) for p in ckpt_dir.glob("step=*.ckpt")), key=_step_of)
+    checkpoints = sorted((str(p) for p in ckpt_dir.glob("step=*.ckpt")), key=step_of)
     return {
         "run_dir": str(run_dir),
         "config": str(run_dir / RESOLVED_CONFIG_NAME),

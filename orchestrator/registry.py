@@ -15,6 +15,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError
+from core.training.callbacks import checkpoint_path
 from orchestrator import tracking
 
 CORE_DIR = Path(__file__).resolve().parents[1] / "core"
@@ -113,7 +114,7 @@ def choose(record: dict[str, Any], client: Any, metric: str | None, mode: str | 
         raise SlotsweepError(f"no trial of sweep {record['sweep']} logged {metric}")
     sign = 1 if mode == "max" else -1
     trial, step, value = max(found, key=lambda f: sign * f[2])
-    checkpoint = Path(trial["run_dir"]) / "checkpoints" / f"step={step}.ckpt"
+    checkpoint = checkpoint_path(Path(trial["run_dir"]) / "checkpoints", step)
     if not checkpoint.is_file():
         raise SlotsweepError(f"trial {trial['trial_id']} has its best {metric} at step {step} but "
                              f"no checkpoint of that step ({checkpoint})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.errors import ConfigError
+from core.training.callbacks import selection_key
 from orchestrator import spec as specs
 from orchestrator import tracking
 from orchestrator.progress import (
@@ -143,10 +144,7 @@ def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
 
 
 def _key(spec: specs.SweepSpec, metrics: dict[str, Any]) -> tuple[float, float]:
-    sign = 1.0 if spec.select.mode == "max" else -1.0
-    tie = metrics.get(spec.select.tie_break) if spec.select.tie_break else None
-    return (sign * float(metrics[spec.select.metric]),
-            sign * float(tie) if tie is not None and not math.isnan(float(tie)) else -math.inf)
+    return selection_key(metrics, spec.select.metric, spec.select.mode, spec.select.tie_break)
 
 
 def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict[str, Any]:

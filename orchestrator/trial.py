@@ -19,6 +19,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from core.training.callbacks import step_of
+
 RUN_DIRNAME = "trials"
 LAST_CHECKPOINT = "last.ckpt"
 THREADS_TAG = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend on it
@@ -171,7 +173,7 @@ def _newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
         candidates.append((_step(local / LAST_CHECKPOINT), local / LAST_CHECKPOINT))
     for path in (run_dir / "checkpoints").glob("step=*.ckpt"):
         try:
-            candidates.append((int(path.stem.split("=", 1)[1]), path))
+            candidates.append((step_of(path), path))
         except ValueError:
             continue
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
@@ -282,6 +284,6 @@ def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str, in
         tracking.finish_run(client, run, "FINISHED")
     run_dir = run_dir_of(ctx.sweep_dir, trial_id)
     newest = _newest_checkpoint(run_dir, None)
-    final = {"step": int(newest.stem.split("=", 1)[1]) if newest else 0, STATUS_KEY: "done"}
+    final = {"step": step_of(newest) if newest else 0, STATUS_KEY: "done"}
     (run_dir / DONE_JSON).write_text(json.dumps(final))
     tune.report(final)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
+from mlflow_runs import sweep_runs
 
 from orchestrator import submit as sub
 from orchestrator import tracking
@@ -156,15 +156,6 @@ def _one_error_line(capsys) -> str:
     return err[len("slotsweep: error: "):]
 
 
-def _children(uri: str, experiment: str) -> tuple[list, list]:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
-    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
-    return parents, children
-
-
 def test_a_submitted_sweep_runs_on_the_cluster_and_logs_to_mlflow(head, server, tmp_path,
                                                                     monkeypatch, capsys):
     # the right token, found where Ray keeps it on the head (~/.ray/auth_token): no --token
@@ -189,7 +180,7 @@ def test_a_submitted_sweep_runs_on_the_cluster_and_logs_to_mlflow(head, server, 
     assert f"ray job logs --follow {job_id} --address {head.address}" in out
     assert "2/2 trials finished" in out and "best: trial" in out  # the job's log, streamed
     assert (storage / "submitted" / "best.json").is_file()  # written by the job on the head
-    parents, children = _children(server.uri, "quickstart")
+    parents, children = sweep_runs(server.uri, "quickstart")
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags[tracking.TAG_PARENT] for c in children} == {parents[0].info.run_id}
     assert {r.info.status for r in parents + children} == {"FINISHED"}

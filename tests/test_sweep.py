@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow_runs import sweep_runs
 
 from orchestrator import tracking
 from orchestrator.cli import main
@@ -29,15 +30,6 @@ def _env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-def _children(uri: str, experiment: str) -> tuple[list, list]:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
-    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
-    return parents, children
-
-
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, key)})
 
@@ -51,7 +43,7 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     record = json.loads((tmp_path / "e2e" / "best.json").read_text())
     assert [t["state"] for t in record["trials"]] == ["DONE"] * 4
     client = MlflowClient(server.uri)
-    parents, children = _children(server.uri, "e2e")
+    parents, children = sweep_runs(server.uri, "e2e")
     assert len(parents) == 1 and len(children) == 4
     assert {c.data.tags[tracking.TAG_PARENT] for c in children} == {parents[0].info.run_id}
     assert record["mlflow"]["parent_run_id"] == parents[0].info.run_id
@@ -94,7 +86,7 @@ def test_a_failing_trial_is_retried_and_a_nan_trial_fails_alone(tmp_path, server
     assert "became nan at step 3" in states["00002"]["error"]
     assert states["00000"]["state"] == states["00003"]["state"] == "DONE"
     client = MlflowClient(server.uri)
-    _, children = _children(server.uri, "faults")
+    _, children = sweep_runs(server.uri, "faults")
     assert len(children) == 4  # the retry reused its run
     by_trial = {c.data.tags[tracking.TAG_TRIAL]: c for c in children}
     retried = by_trial[states["00001"]["trial_id"]]
@@ -154,7 +146,7 @@ def test_kill_the_driver_then_resume(tmp_path):
         assert (trials / trial_id / "checkpoints" / "step=12.ckpt").stat().st_mtime == mtime
     uri = record["mlflow"]["tracking_uri"]
     with tracking.LocalServer.start(tmp_path / "mlflow") as srv:
-        parents, children = _children(srv.uri, "quickstart")
+        parents, children = sweep_runs(srv.uri, "quickstart")
         client = MlflowClient(srv.uri)
         mine = [c for c in children
                 if c.data.tags[tracking.TAG_PARENT] == record["mlflow"]["parent_run_id"]]
@@ -224,7 +216,7 @@ def test_a_ddp_trial_runs_on_two_gloo_workers(tmp_path, server):
     run = client.get_run(trial["mlflow_run_id"])  # rank 0 alone logged, into one run
     assert run.info.status == "FINISHED"
     assert _steps(client, run.info.run_id, "val/ari") == [4, 8]
-    _, children = _children(server.uri, "ddp")
+    _, children = sweep_runs(server.uri, "ddp")
     assert len(children) == 1
 
 
@@ -232,7 +224,7 @@ def test_the_searcher_seed_and_trial_seeds_are_recorded(tmp_path, server):
     argv = ["sweep", str(QUICKSTART), f"storage={tmp_path}", "name=seeds", "trials=2",
             "trainer.max_steps=4", f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=seeds"]
     assert main(argv) == 0
-    parents, children = _children(server.uri, "seeds")
+    parents, children = sweep_runs(server.uri, "seeds")
     assert parents[0].data.params["algorithm.seed"] == "0"
     assert parents[0].data.params["algorithm.name"] == "random"
     assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,26 @@ class RunStateCallback(pl.Callback):
 BEST_JSON = "best.json"
 
 
+def selection_key(metrics: dict[str, Any], metric: str, mode: str,
+                  tie_break: str | None = None) -> tuple[float, float]:
+    """Sort key of a set of metrics under a selection rule: larger is better. ``mode`` max or
+    min applies to both ``metric`` and ``tie_break``; a missing or NaN tie-break loses ties."""
+    sign = 1.0 if mode == "max" else -1.0
+    tie = metrics.get(tie_break) if tie_break else None
+    tie_key = sign * float(tie) if tie is not None and not math.isnan(float(tie)) else -math.inf
+    return sign * float(metrics[metric]), tie_key
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """``<directory>/step=N.ckpt``: the name of every step checkpoint."""
+    return Path(directory) / f"step={step}.ckpt"
+
+
+def step_of(path: str | Path) -> int:
+    """``.../step=2500.ckpt`` -> 2500 (checkpoints sort by step, not by name)."""
+    return int(Path(path).stem.split("=", 1)[1])
+
+
 class BestCheckpoint(pl.Callback):
     """Keeps ``best.ckpt``: the checkpoint with the best ``metric`` (``mode`` max or min), ties
     broken by ``tie_break`` (same direction), and writes ``<run_dir>/best.json`` describing it.
@@ -169,9 +190,7 @@ class BestCheckpoint(pl.Callback):
         self.best: dict[str, Any] | None = None
 
     def _key(self, metrics: dict[str, float]) -> tuple[float, float]:
-        sign = 1.0 if self.mode == "max" else -1.0
-        tie = metrics.get(self.tie_break, float("-inf") * sign) if self.tie_break else 0.0
-        return sign * metrics[self.metric], sign * tie
+        return selection_key(metrics, self.metric, self.mode, self.tie_break)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -210,7 +229,7 @@ class StepCheckpoint(pl.Callback):
         self.dir, self.every, self.val_every = Path(dirpath), every, val_every
 
     def path(self, step: int) -> Path:
-        return self.dir / f"step={step}.ckpt"
+        return checkpoint_path(self.dir, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
