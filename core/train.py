@@ -133,6 +133,58 @@ def _precision(cfg: Config) -> str:
     return precision
 
 
+def make_datamodule(cfg: Config, data_dir: str | Path | None) -> tuple[Config, Any]:
+    """Generated data made if asked for, paths resolved, both splits read and checked.
+
+    Returns the config with absolute dataset paths and its set-up ``VideoDataModule``.
+    """
+    from core.data.config import resolve_paths
+    from core.data.datamodule import VideoDataModule, backbone_normalization
+    from core.data.prepare import ensure_synthetic
+
+    data_dir = ensure_synthetic(cfg.dataset, data_dir) or data_dir
+    cfg = replace(cfg, dataset=resolve_paths(cfg.dataset, data_dir))
+    backbone = cfg.model.encoder.backbone
+    norm = backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
+    datamodule = VideoDataModule(cfg.dataset, seed=cfg.seed, normalization=norm)
+    datamodule.setup("fit")
+    return cfg, datamodule
+
+
+def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, build: bool | None = None,
+                      say: bool = True, log: Any = None) -> Any:
+    """The run's feature cache (``feature_cache.mode``), or ``None``: the backbone runs on frames.
+
+    ``build`` overrides the mode's choice of building a missing cache. Says what it decided.
+    """
+    from core.data.feature_cache import ensure_cache, refusal
+
+    fc = cfg.feature_cache
+    if fc.mode == "off" or encoder is None:
+        return None
+    say = say and is_rank_zero()
+    if fc.gpu == "on" and not (torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"):
+        raise ConfigError("feature_cache.gpu=on but this run has no GPU: use feature_cache.gpu=auto")
+    why = refusal(cfg)
+    if why is not None:
+        if say:
+            print(f"feature cache: not used: {why}")
+        return None
+    splits = {cfg.dataset.train_split: datamodule.train_set.records}
+    if datamodule.val_set is not None:
+        splits[cfg.dataset.val_split] = datamodule.val_set.records
+    build = fc.mode == "build" if build is None else build
+    cache = ensure_cache(encoder, cfg.dataset, splits, fc, cfg.model.encoder.backbone.model,
+                         build=build, normalization=(datamodule.mean, datamodule.std), log=log)
+    if say:
+        if cache is None:
+            print("feature cache: none for this backbone and data (`slotsweep cache-features "
+                  "CONFIG` builds one): the backbone runs on every frame")
+        else:
+            print(f"feature cache: using {cache.describe()}")
+    return cache
+
+
 def train(
     cfg: Config,
     callbacks: Sequence[Any] = (),
@@ -162,9 +214,6 @@ def train(
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from core.data.config import resolve_paths
-    from core.data.datamodule import VideoDataModule, backbone_normalization
-    from core.data.prepare import ensure_synthetic
     from core.training.callbacks import (
         BestCheckpoint,
         RunStateCallback,
@@ -182,19 +231,17 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    data_dir = ensure_synthetic(cfg.dataset, data_dir) or data_dir
-    dataset = resolve_paths(cfg.dataset, data_dir)
-    cfg = replace(cfg, dataset=dataset)
-    backbone = cfg.model.encoder.backbone
-    norm = backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
-    datamodule = VideoDataModule(dataset, seed=cfg.seed, normalization=norm)
-    datamodule.setup("fit")  # bad data fails here, before the model is even built
+    cfg, datamodule = make_datamodule(cfg, data_dir)  # bad data fails here, before the model
 
     ckpt, ckpt_path, mode = None, None, "new"
     if continue_from is not None:
         ckpt = read_checkpoint(continue_from)
         mode = _stage_of(cfg, ckpt)
     module = SlotModule(cfg)
+    features = feature_cache_for(cfg, module.model.encoder, datamodule)
+    module.feature_cache = features  # the trial logger records which cache a run read
+    if features is not None:
+        datamodule.use_features(features, cfg.feature_cache.gpu)
     if ckpt is not None:
         _safe_load_weights(module, ckpt, continue_from)
         if mode == "resume":
@@ -266,6 +313,7 @@ def train(
         "global_step": int(trainer.global_step),
         "metrics": metrics,
         "mode": mode,
+        "feature_cache": str(features.root) if features is not None else None,
     }
 
 

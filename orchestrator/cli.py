@@ -168,6 +168,28 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_features(args: argparse.Namespace) -> int:
+    import time
+
+    from core.config import load_config
+    from core.data.feature_cache import human_bytes
+    from core.tools import cache_features
+
+    cfg = load_config(args.config, list(args.overrides))
+    start = time.time()
+    cache = cache_features(cfg, data_dir=args.data_dir, verify=args.verify)
+    info = cache.manifest["key_inputs"]
+    frames = {name: split.frames for name, split in cache.splits.items()}
+    print(f"feature cache: {cache.root}")
+    print(f"  {info['backbone']} weights {info['weights_hash']}, block {info['layer']}, "
+          f"{info['img_size']} px, {info['dtype']}; frames {frames}; "
+          f"{human_bytes(cache.nbytes)}; ready in {time.time() - start:.1f} s"
+          f"{' (every shard re-hashed)' if args.verify else ''}")
+    if cfg.feature_cache.mode == "off":
+        print("  note: this config has feature_cache.mode=off, so training will not read it")
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from core.tools import visualize
 
@@ -265,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--clips", type=int, default=4)
     vis.add_argument("--split", default="val")
     vis.set_defaults(func=_cmd_visualize)
+
+    cache = sub.add_parser(
+        "cache-features", help="compute the frozen backbone's features of a dataset once; "
+        "training and sweeps then read them instead of running the backbone",
+        description="Build (or find and check) the feature cache of a config's dataset. "
+        "Training uses it automatically when its key (backbone, weights, layer, image size, "
+        "normalisation, frame files) matches.")
+    cache.add_argument("config", help="YAML config (a path or a shipped name)")
+    cache.add_argument("overrides", nargs="*", help="key=value, as for train")
+    cache.add_argument("--data-dir", default=None, help="dataset root, as for train")
+    cache.add_argument("--verify", action="store_true",
+                       help="re-hash every shard of an existing cache")
+    cache.set_defaults(func=_cmd_cache_features)
 
     make = sub.add_parser("make-data", help="write a generated dataset to disk")
     make_sub = make.add_subparsers(dest="kind", metavar="KIND", required=True)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -92,13 +93,47 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
     return resources
 
 
-def _prepare_data(spec: specs.SweepSpec) -> None:
-    """Generated datasets are made once here, so concurrent trials only read them."""
+def _prepare_data(spec: specs.SweepSpec, resources: dict[str, float], stream: TextIO) -> None:
+    """Generated datasets are made, and the frozen backbone's feature cache built, once here:
+    concurrent trials then only read them (trials with ``feature_cache.mode=auto`` find it)."""
     from core.config import load_config
+    from core.data.feature_cache import refusal
     from core.data.prepare import ensure_synthetic
 
     cfg = load_config(spec.base, spec.overrides)
     ensure_synthetic(cfg.dataset, spec.data_dir)
+    if cfg.feature_cache.mode == "off":
+        return
+    why = refusal(cfg)
+    if why is not None:
+        print(f"feature cache: not used: {why}", file=stream)
+        return
+    import ray
+
+    # A task on a GPU when the cluster has one; max_calls=1: its worker exits and frees the GPU.
+    gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    build = ray.remote(num_cpus=min(spec.resources.cpus_per_trial, resources.get("CPU", 1)),
+                       num_gpus=gpus, max_calls=1)(_build_cache)
+    start = time.time()
+    found, where = ray.get(build.remote(spec.base, list(spec.overrides), spec.data_dir))
+    what = "found" if found else f"built in {time.time() - start:.0f} s"
+    print(f"feature cache: {where} ({what}); trials read it instead of running the backbone",
+          file=stream)
+
+
+def _build_cache(base: str, overrides: list[str], data_dir: str | None) -> tuple[bool, str]:
+    """Ray task: (already there?, description) of the feature cache of the sweep's base config."""
+    import io
+    from contextlib import redirect_stdout
+
+    from core.config import load_config
+    from core.tools import cache_features
+
+    logs: list[str] = []
+    with redirect_stdout(io.StringIO()):
+        cfg = load_config(base, overrides)
+        cache = cache_features(cfg, data_dir, log=logs.append)
+    return not any(line.startswith("building") for line in logs), cache.describe()
 
 
 def _trainable(spec: specs.SweepSpec, ctx: TrialContext) -> Any:
@@ -273,8 +308,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
                                                   spec.name)
         print(f"sweep {spec.name}: {sweep_dir}", file=stream)
         print(f"MLflow: {uri} (experiment {spec.mlflow.experiment}, run {parent})", file=stream)
-        _start_ray(spec)
-        _prepare_data(spec)
+        resources = _start_ray(spec)
+        _prepare_data(spec, resources, stream)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (sweep_dir / SPEC_YAML).write_text(specs.to_yaml(spec))

@@ -411,6 +411,9 @@ def _short_http_retries() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+FEATURE_CACHE_TAG = "slotsweep.feature_cache"  # the cache folder a trial read, or "none"
+
+
 class TrialLogger(pl.Callback):
     """Logs a trial's params, ``train/*`` and ``val/*`` metrics and artifacts to one MLflow run.
 
@@ -481,6 +484,9 @@ class TrialLogger(pl.Callback):
             params = flatten(pl_module.cfg)
         if params:
             self._safe("params", log_params, self.client, self.run_id, params)
+        cache = getattr(pl_module, "feature_cache", None)
+        self._safe("tags", self.client.set_tag, self.run_id, FEATURE_CACHE_TAG,
+                   str(cache.root) if cache is not None else "none")
         if self._restored:  # the restore point's metrics: the process that logged them may
             # have died between writing the checkpoint and logging (driver killed)
             self._log_metrics(trainer, ("train/", "val/"), self._restored["metrics"],

@@ -40,6 +40,11 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "4/4 trials finished" in out and "best: trial" in out
+    # the driver built the feature cache once; every trial read it
+    cache_line = next(line for line in out.splitlines() if line.startswith("feature cache: "))
+    assert "trials read it" in cache_line
+    cache_dir = cache_line.removeprefix("feature cache: ").split(" (")[0]
+    assert (Path(cache_dir) / "manifest.json").is_file()
     record = json.loads((tmp_path / "e2e" / "best.json").read_text())
     assert [t["state"] for t in record["trials"]] == ["DONE"] * 4
     client = MlflowClient(server.uri)
@@ -52,6 +57,7 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     for trial in record["trials"]:
         run = by_trial[trial["trial_id"]]
         assert run.info.run_id == trial["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags[tracking.FEATURE_CACHE_TAG] == cache_dir
         assert run.data.params["globals.NUM_SLOTS"] == str(trial["sampled"]["globals.NUM_SLOTS"])
         assert "sampled.model.loss_weights.loss_ss" in run.data.params
         assert _steps(client, run.info.run_id, "val/ari") == [4, 8]

@@ -200,6 +200,7 @@ def validate(cfg: Config) -> None:
             _require((metric.matching or "overlap") in ("overlap", "hungarian"),
                      f"val_metrics.{name}.matching must be overlap or hungarian")
     cfg.dataset.validate()
+    cfg.feature_cache.validate()
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import II
 
 from core.data.config import DatasetConfig
+from core.data.feature_cache import FeatureCacheConfig
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BackboneConfig:
     weights: str = "pretrained"  # pretrained | random
     checkpoint: str | None = None  # .pth file, its folder, or a hub cache folder
     layer: int | None = None  # block whose output is the feature (None: the last)
+    seed: int = 0  # weights=random: the backbone's own seed (trials of a sweep share it)
     vit: dict[str, Any] = field(default_factory=dict)  # architecture overrides (tiny configs)
 
 
@@ -188,6 +190,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=_default_dataset)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     val_metrics: dict[str, MetricConfig] = field(default_factory=_default_metrics)
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
 TOP_LEVEL_KEYS = tuple(Config.__dataclass_fields__)

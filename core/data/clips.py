@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from core.data.records import VideoRecord
 from core.errors import DataError
@@ -24,6 +24,8 @@ VIDEO_KEY = "video"
 MASKS_KEY = "masks"
 INDEX_KEY = "video_index"
 START_KEY = "start"
+ROWS_KEY = "rows"
+FEATURES_KEY = "features"  # core.models.video.FEATURES: precomputed backbone features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,8 +124,10 @@ class ClipDataset(Dataset):
         val_clips: str = "all",
         resize: str = "crop",
         load_masks: bool | None = None,
+        hflip: float = 0.0,
     ) -> None:
         self.records = list(records)
+        self.hflip = hflip if train else 0.0
         self.ep_length = ep_length
         self.img_size = img_size
         self.resize = resize
@@ -151,20 +155,70 @@ class ClipDataset(Dataset):
         if start < 0:
             high = len(record) - self.ep_length + 1
             start = int(torch.randint(high, ()).item())
-        window = range(start, start + self.ep_length)
-        decoded = [load_frame(record.frames[t], self.img_size, self.resize) for t in window]
-        frames = np.stack([array for array, _ in decoded])
-        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-        sample: dict[str, torch.Tensor | int] = {
-            VIDEO_KEY: (video - self.mean) / self.std,
-            INDEX_KEY: video_index,
-            START_KEY: start,
-        }
+        sample: dict[str, torch.Tensor | int] = {INDEX_KEY: video_index, START_KEY: start}
+        sizes = self._add_inputs(sample, video_index, start)
         if self.load_masks:
             assert record.masks is not None
+            window = range(start, start + self.ep_length)
             masks = [
-                load_mask(record.masks[t], self.img_size, decoded[k][1], self.resize)
+                load_mask(record.masks[t], self.img_size, sizes[k] if sizes else None, self.resize)
                 for k, t in enumerate(window)
             ]
             sample[MASKS_KEY] = torch.from_numpy(np.stack(masks))
         return sample
+
+    def load_video(self, video_index: int, start: int) -> tuple[torch.Tensor, list]:
+        """Frames ``start .. start + ep_length`` of a video, (T, 3, S, S) normalised, and each
+        frame file's own (width, height)."""
+        record = self.records[video_index]
+        window = range(start, start + self.ep_length)
+        decoded = [load_frame(record.frames[t], self.img_size, self.resize) for t in window]
+        frames = np.stack([array for array, _ in decoded])
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        return (video - self.mean) / self.std, [size for _, size in decoded]
+
+    def _add_inputs(self, sample: dict, video_index: int, start: int) -> list | None:
+        """Put the model's input into ``sample``; returns the frame sizes masks are checked
+        against (``None``: not known)."""
+        video, sizes = self.load_video(video_index, start)
+        if self.hflip and float(torch.rand(())) < self.hflip:
+            video = video.flip(-1)
+        sample[VIDEO_KEY] = video
+        return sizes
+
+
+class CachedClipDataset(ClipDataset):
+    """Clips whose inputs are rows of a feature cache (:mod:`core.data.feature_cache`).
+
+    A sample holds ``rows`` (T,) instead of ``video``; :class:`GatherFeatures` (the loader's
+    collate function) turns a batch of rows into ``features`` (B, T, P, F). ``with_video``
+    also decodes the frames (validation: the slot pictures need them).
+    """
+
+    def __init__(self, *args, features=None, with_video: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if features is None or features.lengths != [len(r) for r in self.records]:
+            raise DataError("the feature cache does not match this split's videos: rebuild it")
+        self.features = features
+        self.with_video = with_video
+
+    def _add_inputs(self, sample: dict, video_index: int, start: int) -> list | None:
+        sample[ROWS_KEY] = self.features.clip_rows(video_index, start, self.ep_length)
+        if self.with_video:
+            video, sizes = self.load_video(video_index, start)
+            sample[VIDEO_KEY] = video
+            return sizes
+        return None
+
+
+class GatherFeatures:
+    """Collate function: the default collation, then ``rows`` -> ``features`` from the cache
+    (in the loader worker for memory-mapped shards, on the GPU for a split that lives there)."""
+
+    def __init__(self, features) -> None:
+        self.features = features
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = default_collate(samples)
+        batch[FEATURES_KEY] = self.features.gather(batch.pop(ROWS_KEY))
+        return batch

@@ -63,6 +63,7 @@ class DatasetConfig:
     val_fraction: float = 0.1
     mean: list[float] | None = None
     std: list[float] | None = None
+    hflip: float = 0.0  # probability of flipping a training clip left-right (all its frames)
     synthetic: SyntheticDataConfig | None = None
 
     def validate(self) -> None:
@@ -88,6 +89,8 @@ class DatasetConfig:
             raise ConfigError(f"dataset.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"dataset.hflip is a probability in [0, 1], got {self.hflip}")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) != 3:

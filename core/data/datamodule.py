@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from core.data.clips import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, RandomClipSampler
+from core.data.clips import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CachedClipDataset,
+    ClipDataset,
+    GatherFeatures,
+    RandomClipSampler,
+)
 from core.data.config import DatasetConfig
 from core.data.records import VideoRecord, check_records, read_index, scan_folders
 from core.errors import ConfigError
@@ -107,8 +115,12 @@ class VideoDataModule(pl.LightningDataModule):
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         pin_memory: bool | None = None,
         batch_size: int | None = None,
+        features: Any = None,
+        features_on_gpu: str = "auto",
     ) -> None:
         super().__init__()
+        self.features = features  # a core.data.feature_cache.FeatureCache, or None
+        self.features_on_gpu = features_on_gpu
         cfg.validate()
         self.cfg = cfg
         self.seed = seed
@@ -120,18 +132,55 @@ class VideoDataModule(pl.LightningDataModule):
         self.train_set: ClipDataset | None = None
         self.val_set: ClipDataset | None = None
 
-    def _dataset(self, split: str, train: bool) -> ClipDataset:
+    def use_features(self, features: Any, on_gpu: str = "auto") -> None:
+        """Read clips as rows of this feature cache from now on (same videos, same clips).
+
+        ``on_gpu``: ``feature_cache.gpu`` (auto | on | off) for the training split."""
+        self.features = features
+        self.features_on_gpu = on_gpu
+        for name in ("train_set", "val_set"):
+            old = getattr(self, name)
+            if old is not None:
+                split = self.cfg.train_split if old.train else self.cfg.val_split
+                setattr(self, name, self._dataset(split, old.train, old.records))
+
+    def _dataset(self, split: str, train: bool, records: Any = None) -> ClipDataset:
         cfg = self.cfg
-        return ClipDataset(
-            load_records(cfg, split),
-            cfg.ep_length,
-            cfg.img_size,
-            self.mean,
-            self.std,
-            train=train,
-            val_clips=cfg.val_clips,
-            resize=cfg.resize,
-        )
+        records = load_records(cfg, split) if records is None else records
+        args = (records, cfg.ep_length, cfg.img_size, self.mean, self.std)
+        kwargs: dict[str, Any] = dict(train=train, val_clips=cfg.val_clips, resize=cfg.resize)
+        if self.features is not None and split in self.features.splits:
+            # validation still decodes its frames: the slot pictures show them
+            return CachedClipDataset(*args, features=self.features.splits[split],
+                                     with_video=not train, **kwargs)
+        return ClipDataset(*args, hflip=cfg.hflip, **kwargs)
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _place_on_gpu(self, dataset: CachedClipDataset) -> bool:
+        """Copy a cached split to the GPU when the config allows and it fits (once)."""
+        from core.data.feature_cache import fits_on_gpu, human_bytes
+
+        split = dataset.features
+        if split.device_tensor is not None:
+            return True
+        device = self._device()
+        if self.features_on_gpu == "off" or device.type != "cuda":
+            if self.features_on_gpu == "on":
+                raise ConfigError("feature_cache.gpu=on but the run has no GPU: use auto or off")
+            return False
+        if self.features_on_gpu == "auto" and not fits_on_gpu(split.nbytes, device):
+            print(f"feature cache: {split.split} split ({human_bytes(split.nbytes)}) does not "
+                  "fit in half the free GPU memory: reading memory-mapped shards")
+            return False
+        split.to_device(device)
+        print(f"feature cache: {split.split} split ({human_bytes(split.nbytes)}) is in GPU "
+              "memory")
+        return True
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check both splits (fails fast, before any step, on bad data)."""
@@ -149,13 +198,19 @@ class VideoDataModule(pl.LightningDataModule):
             lengths = [len(r) for r in dataset.records]
             sampler = RandomClipSampler(lengths, self.cfg.ep_length, self.seed)
         loader_class = ResumableDataLoader if train else DataLoader
+        collate, pin = None, self.pin_memory
+        if isinstance(dataset, CachedClipDataset):
+            collate = GatherFeatures(dataset.features)
+            if train and self._place_on_gpu(dataset):
+                workers, pin = 0, False  # batches are gathered on the device itself
         return loader_class(
             dataset,
             batch_size=batch_size if train else min(batch_size, len(dataset)),
             sampler=sampler,
             drop_last=train and len(dataset) >= batch_size * world,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            collate_fn=collate,
+            pin_memory=pin,
             persistent_workers=workers > 0,
             worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(self.seed),

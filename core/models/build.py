@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 import core.losses  # noqa: F401  (registers the losses)
@@ -31,7 +32,21 @@ def check_names(cfg: Config) -> None:
 
 
 def build_encoder(cfg: Config) -> nn.Module:
-    """The backbone of ``model.encoder.backbone`` at ``dataset.img_size``."""
+    """The backbone of ``model.encoder.backbone`` at ``dataset.img_size``.
+
+    A random-weight backbone is drawn from its own generator seeded with
+    ``model.encoder.backbone.seed`` (not the run's seed): every trial of a sweep gets the same
+    backbone, as it would the same pretrained weights, and so shares one feature cache.
+    """
+    b = cfg.model.encoder.backbone
+    if b.weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(b.seed)
+            return _build_encoder(cfg)
+    return _build_encoder(cfg)
+
+
+def _build_encoder(cfg: Config) -> nn.Module:
     b = cfg.model.encoder.backbone
     return ENCODERS.build(
         b.name,

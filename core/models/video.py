@@ -70,6 +70,8 @@ class SlotVideoModel(nn.Module):
             features = batch[FEATURES]
             if features.ndim != 4:
                 raise ValueError(f"features must be (B, T, P, F), got {tuple(features.shape)}")
+            if features.dtype in (torch.bfloat16, torch.float16):  # a feature cache's storage
+                features = features.float()
             return features
         video = batch.get(VIDEO)
         if video is None:
