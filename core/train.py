@@ -164,7 +164,8 @@ def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, build: bool | 
         return None
     say = say and is_rank_zero()
     if fc.gpu == "on" and not (torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"):
-        raise ConfigError("feature_cache.gpu=on but this run has no GPU: use feature_cache.gpu=auto")
+        raise ConfigError("feature_cache.gpu=on but this run has no GPU: "
+                          "use feature_cache.gpu=auto")
     why = refusal(cfg)
     if why is not None:
         if say:
@@ -221,6 +222,7 @@ def train(
         StepCheckpoint,
         step_of,
     )
+    from core.training.fast import FiniteGuard
     from core.training.module import SlotModule
 
     _quiet_lightning()
@@ -285,7 +287,7 @@ def train(
         log_every_n_steps=t.log_every_n_steps,
         logger=logger,
         callbacks=[
-            every, best, RunStateCallback(cfg),
+            FiniteGuard(), every, best, RunStateCallback(cfg),
             SlotVisualizer(run_dir, t.visualize_every, datamodule.mean, datamodule.std),
             *callbacks,
         ],

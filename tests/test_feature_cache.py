@@ -208,7 +208,7 @@ def test_training_on_the_cache_matches_the_backbone_in_the_loop(tmp_path, capsys
 
 def test_refusals_say_why(tmp_path, capsys):
     cfg = tiny(tmp_path, "dataset.hflip=0.5", "trainer.max_steps=1")
-    with pytest.raises(ConfigError, match="hflip=0.5 flips training clips"):
+    with pytest.raises(ConfigError, match=r"hflip=0\.5 flips training clips"):
         cache_features(cfg)
     result = train(cfg, log_dir=tmp_path, progress_bar=False)
     assert result["feature_cache"] is None

@@ -49,7 +49,7 @@ def test_tiny_run_writes_checkpoints_events_config_and_visuals(tmp_path):
     assert result["global_step"] == 2
     for key in ("train/loss", "train/loss/featrec", "train/loss/ss", "val/ari", "val/mbo"):
         assert key in result["metrics"], key
-    assert 0.0 <= result["metrics"]["val/ari"] <= 1.0
+    assert -1.0 <= result["metrics"]["val/ari"] <= 1.0  # ARI of an untrained model: about 0
     assert set(rec.terms[-1]) == {"train/loss/featrec", "train/loss/ss"}
     ckpt = read_checkpoint(run / "checkpoints" / "step=2.ckpt")
     assert "NUM_SLOTS: 3" in ckpt["slotsweep_config"]

@@ -16,6 +16,7 @@ from core.errors import SlotsweepError
 from core.metrics import METRIC_ARI, METRIC_MBO, VideoARI, VideoIoU
 from core.models.build import build_losses, build_model
 from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTION
+from core.training.fast import TOTAL_TERM, CompiledStep, DeferredFiniteCheck
 
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
@@ -108,6 +109,14 @@ class SlotModule(pl.LightningModule):
         self._val_loss = [0.0, 0]
         self.last_visual: dict[str, Tensor] | None = None
         self._weights_hash: str | None = None
+        # trainer.use_optimizations: the compiled training step (built at the first step, on the
+        # device the module then lives on) and the on-device non-finite record (read by
+        # core.training.fast.FiniteGuard). Neither is part of the state dict.
+        self.fast_step: CompiledStep | None = None
+        self.finite_check: DeferredFiniteCheck | None = None
+        if cfg.trainer.use_optimizations:
+            self.finite_check = DeferredFiniteCheck([*self.weights, TOTAL_TERM])
+        self._lr_buffer: Tensor | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def _encoder_from_file(self) -> bool:
@@ -159,6 +168,8 @@ class SlotModule(pl.LightningModule):
         return total, terms  # type: ignore[return-value]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if self.cfg.trainer.use_optimizations:
+            return self._fast_training_step(batch)
         outputs = self.model(batch)
         total, terms = self._losses(outputs)
         values = torch.stack([total, *terms.values()]).detach()
@@ -173,6 +184,79 @@ class SlotModule(pl.LightningModule):
         if optimizer is not None:  # lr of the default group (the last one)
             self.log(TRAIN_LR, optimizer.param_groups[-1]["lr"], batch_size=batch_size)
         return total
+
+    # ------------------------------------------------------------------ the fast step
+    def train_losses(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The training computation that ``use_optimizations`` compiles: model forward and
+        weighted losses. Returns ``(total, values)``: the loss to backpropagate and the detached
+        float32 vector ``[*terms, total]`` (the order of ``finite_check.names``)."""
+        total, terms = self._losses(self.model(batch))
+        values = torch.stack([v.detach().float() for v in (*terms.values(), total)])
+        return total, values
+
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        if self._trainer is None or not self.trainer.optimizers:
+            return None
+        return self.trainer.optimizers[0]
+
+    def _grad_scaler(self) -> bool:
+        """Whether Lightning steps the optimizer through a GradScaler (precision 16-mixed)."""
+        if self._trainer is None:
+            return False
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def _fast_training_step(self, batch: dict) -> Tensor:
+        """``use_optimizations``: compiled forward + losses (CUDA graphs on a GPU), no host
+        synchronisation: the non-finite test is deferred to ``finite_check`` (the fused optimizer
+        skips its update on device from a bad step on; FiniteGuard raises). With an optimizer
+        that cannot skip (not fused) the step checks the losses every step as the plain one."""
+        if self.fast_step is None:
+            self.fast_step = CompiledStep(self.train_losses, self.device.type)
+        total, values = self.fast_step(batch)
+        # out of the CUDA-graph pool before the next replay overwrites them (clone keeps grad)
+        total, values = total.clone(), values.clone()
+        optimizer = self._optimizer()
+        assert self.finite_check is not None
+        if optimizer is None or self.finite_check.attach(optimizer):
+            self.finite_check.update(values, self.global_step)
+        elif not bool(torch.isfinite(values).all()):  # one host sync; stops before the update
+            bad = next(i for i, v in enumerate(values.tolist()) if not math.isfinite(v))
+            raise NonFiniteLossError(
+                self.global_step, self.finite_check.names[bad], float(values[bad])
+            )
+        batch_size = batch[next(iter(batch))].shape[0]
+        names = self.finite_check.names
+        # no prog_bar: the progress bar turns its metrics into floats every step (a sync)
+        self.log(TRAIN_LOSS, values[-1], batch_size=batch_size)
+        for i, name in enumerate(names[:-1]):
+            self.log(train_loss_key(name), values[i], batch_size=batch_size)
+        if optimizer is not None:  # a device scalar: logging a float copies it host -> device
+            if self._lr_buffer is None or self._lr_buffer.device != values.device:
+                self._lr_buffer = torch.zeros((), dtype=torch.float32, device=values.device)
+            self._lr_buffer.fill_(optimizer.param_groups[-1]["lr"])
+            self.log(TRAIN_LR, self._lr_buffer, batch_size=batch_size)
+        return total
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning refuses to clip for a fused optimizer under mixed precision (it assumes a
+        GradScaler unscales inside ``step``). With bf16 there is no scaler: the gradients are
+        true gradients, so ``use_optimizations`` clips them here (same norm/value clipping)."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not (gradient_clip_val and self.cfg.trainer.use_optimizations and fused
+                and not self._grad_scaler()):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                gradient_clip_algorithm)
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if str(gradient_clip_algorithm or "norm").lower().endswith("value"):
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_validation_epoch_start(self) -> None:
         for metric in self.metrics.values():
@@ -230,7 +314,8 @@ class SlotModule(pl.LightningModule):
         if not groups:
             raise SlotsweepError("no trainable parameters: every component is frozen")
         kwargs = {"betas": tuple(opt.betas)}
-        if torch.cuda.is_available() and self.cfg.trainer.use_optimizations:
+        if self.cfg.trainer.use_optimizations and not self._grad_scaler():
+            # fused on CPU too: the deferred non-finite check skips steps through found_inf
             kwargs["fused"] = True
         optimizers = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
         if opt.name not in optimizers:
