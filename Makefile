@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/loader_bench.py
 	$(BIN)/python bench/train_speed.py tiny --steps 20 --warmup 5
 	$(BIN)/python bench/sweep_overhead.py --trials 4
+	$(BIN)/python bench/throughput.py tiny
+	$(BIN)/python bench/sweep.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -3,7 +3,7 @@
 The trial's resolved config comes from its MLflow run (artifact ``config/config.yaml``), the
 sweep's data settings from its parent run; training runs in this process (no Ray) into a new
 MLflow run tagged ``rerun_of``. With no override, a CPU rerun repeats the trial's losses and
-validation metrics step for step.
+validation metrics step for step (reading frames or cached features, as the trial did).
 """
 
 from __future__ import annotations
@@ -43,6 +43,21 @@ def compare(client: Any, original: str, rerun: str, keys: tuple[str, ...] = COMP
     return out
 
 
+def _feature_cache_overrides(run: Any) -> list[str]:
+    """Read frames or cached features as the trial did (its ``slotsweep.feature_cache`` tag), so
+    the rerun's losses are the trial's: the same cache folder when it is on this machine, else
+    the same features built here (``mode=build``). Overrides given to rerun come after these."""
+    tag = run.data.tags.get(tracking.FEATURE_CACHE_TAG)
+    if tag is None:  # logged before the cache existed: let the config decide
+        return []
+    if tag == "none":
+        return ["feature_cache.mode=off"]
+    folder = Path(tag)
+    if (folder / "manifest.json").is_file():
+        return ["feature_cache.mode=build", f"feature_cache.dir={folder.parent}"]
+    return ["feature_cache.mode=build"]
+
+
 def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | None = None,
           log_dir: str | Path = RERUN_DIR) -> dict[str, Any]:
     """Train the trial of MLflow run ``run_id`` again here; returns the new run and a comparison."""
@@ -60,7 +75,7 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
             except (MlflowException, OSError):
                 raise SlotsweepError(f"run {run_id} has no config/config.yaml artifact: it was "
                                      "not logged by slotsweep") from None
-            cfg = load_config(path, list(overrides))
+            cfg = load_config(path, [*_feature_cache_overrides(original), *overrides])
         parent_id = original.data.tags.get(tracking.TAG_PARENT)
         parent = client.get_run(parent_id) if parent_id else None
         params = parent.data.params if parent else {}

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from core.data.feature_cache import DIR_ENV
+
+
+@pytest.fixture(autouse=True)
+def _own_feature_cache(tmp_path, monkeypatch):
+    """Each test starts with no feature cache: a sweep run earlier in the session builds one
+    for the tiny config, which a later test reading frames must not pick up by accident.
+    Tests that share a cache on purpose set ``feature_cache.dir``."""
+    monkeypatch.setenv(DIR_ENV, str(tmp_path / "feature-cache"))
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

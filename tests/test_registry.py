@@ -131,3 +131,23 @@ def test_rerun_unknown_run(swept, capsys):
     err = _error(["rerun", "0123456789abcdef0123456789abcdef", "--tracking-uri", server.uri],
                  capsys)
     assert "unknown MLflow run 0123456789abcdef0123456789abcdef" in err
+
+
+def test_a_rerun_reads_frames_or_cached_features_as_its_trial_did(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.rerun import _feature_cache_overrides
+
+    def run(tags):
+        return SimpleNamespace(data=SimpleNamespace(tags=tags))
+
+    built = tmp_path / "features" / "vit-56px-abc"
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text("{}")
+    assert _feature_cache_overrides(run({})) == []
+    assert _feature_cache_overrides(run({tracking.FEATURE_CACHE_TAG: "none"})) == [
+        "feature_cache.mode=off"]
+    assert _feature_cache_overrides(run({tracking.FEATURE_CACHE_TAG: str(built)})) == [
+        "feature_cache.mode=build", f"feature_cache.dir={built.parent}"]
+    elsewhere = run({tracking.FEATURE_CACHE_TAG: "/on/another/machine/vit-56px-abc"})
+    assert _feature_cache_overrides(elsewhere) == ["feature_cache.mode=build"]

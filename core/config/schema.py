@@ -10,8 +10,7 @@ from typing import Any
 
 from omegaconf import II
 
-from core.data.config import DatasetConfig
-from core.data.feature_cache import FeatureCacheConfig
+from core.data.config import DatasetConfig, FeatureCacheConfig
 
 
 @dataclass

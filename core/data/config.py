@@ -12,6 +12,9 @@ FORMATS = ("saycam", "folders")
 VAL_CLIP_MODES = ("all", "first")
 RESIZE_MODES = ("crop", "stretch")
 CHECK_MODES = ("first", "all", "none")
+CACHE_MODES = ("auto", "build", "off")
+CACHE_GPU_MODES = ("auto", "on", "off")
+CACHE_DTYPES = ("bf16", "fp16")
 
 
 @dataclass
@@ -124,3 +127,36 @@ def resolve_paths(cfg: DatasetConfig, data_dir: str | Path | None = None) -> Dat
         default_masks = None
     mask_dir = absolute(cfg.mask_dir, default_masks)
     return replace(cfg, json_dir=json_dir, img_dir=img_dir, mask_dir=mask_dir)
+
+
+@dataclass
+class FeatureCacheConfig:
+    """The ``feature_cache`` section of a run.
+
+    ``mode``: ``auto`` uses a cache built for exactly this backbone and data when one exists,
+    ``build`` also builds it when missing, ``off`` always runs the backbone. ``dir``: where caches
+    live (default ``$SLOTSWEEP_FEATURE_CACHE``, else ``$SLOTSWEEP_CACHE/features``). ``gpu``:
+    ``auto`` keeps a split in GPU memory when it fits (at most half of the free memory), ``on``
+    insists, ``off`` reads memory-mapped shards in the loader workers.
+    """
+
+    mode: str = "auto"
+    dir: str | None = None
+    dtype: str = "bf16"
+    gpu: str = "auto"
+    shard_mb: float = 256.0
+
+    def validate(self) -> None:
+        # YAML 1.1 reads off / on as booleans: take them back as the words meant
+        if str(self.mode).lower() == "false":
+            self.mode = "off"
+        if str(self.gpu).lower() in ("false", "true"):
+            self.gpu = "off" if str(self.gpu).lower() == "false" else "on"
+        choices = (("mode", CACHE_MODES), ("gpu", CACHE_GPU_MODES), ("dtype", CACHE_DTYPES))
+        for key, valid in choices:
+            if getattr(self, key) not in valid:
+                raise ConfigError(
+                    f"feature_cache.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}"
+                )
+        if self.shard_mb <= 0:
+            raise ConfigError(f"feature_cache.shard_mb must be > 0, got {self.shard_mb}")

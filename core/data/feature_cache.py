@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import ConfigError, SlotsweepError
+from core.data.config import FeatureCacheConfig
+from core.errors import SlotsweepError
 
 FORMAT = "slotsweep.features/v1"
+DIR_ENV = "SLOTSWEEP_FEATURE_CACHE"
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"
 COLUMN = "features"
-MODES = ("auto", "build", "off")
-GPU_MODES = ("auto", "on", "off")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_FRACTION = 0.5  # a split goes to the GPU when it needs at most this share of free memory
 
@@ -51,42 +51,13 @@ class CacheError(SlotsweepError):
     """A cache folder that is incomplete, corrupt or not the one asked for."""
 
 
-@dataclass
-class FeatureCacheConfig:
-    """The ``feature_cache`` section of a run.
-
-    ``mode``: ``auto`` uses a cache built for exactly this backbone and data when one exists,
-    ``build`` also builds it when missing, ``off`` always runs the backbone. ``dir``: where caches
-    live (default ``$SLOTSWEEP_CACHE/features``). ``gpu``: ``auto`` keeps a split in GPU memory
-    when it fits (at most half of the free memory), ``on`` insists, ``off`` reads memory-mapped
-    shards in the loader workers.
-    """
-
-    mode: str = "auto"
-    dir: str | None = None
-    dtype: str = "bf16"
-    gpu: str = "auto"
-    shard_mb: float = 256.0
-
-    def validate(self) -> None:
-        # YAML 1.1 reads off / on as booleans: take them back as the words meant
-        if str(self.mode).lower() == "false":
-            self.mode = "off"
-        if str(self.gpu).lower() in ("false", "true"):
-            self.gpu = "off" if str(self.gpu).lower() == "false" else "on"
-        for key, valid in (("mode", MODES), ("gpu", GPU_MODES), ("dtype", tuple(DTYPES))):
-            if getattr(self, key) not in valid:
-                raise ConfigError(
-                    f"feature_cache.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}"
-                )
-        if self.shard_mb <= 0:
-            raise ConfigError(f"feature_cache.shard_mb must be > 0, got {self.shard_mb}")
-
-
 def cache_dir(cfg: FeatureCacheConfig) -> Path:
-    """Where caches of this config live."""
+    """Where caches of this config live: ``feature_cache.dir``, else ``$SLOTSWEEP_FEATURE_CACHE``,
+    else ``$SLOTSWEEP_CACHE/features`` (``~/.cache/slotsweep/features``)."""
     if cfg.dir:
         return Path(cfg.dir).expanduser().resolve()
+    if os.environ.get(DIR_ENV):
+        return Path(os.environ[DIR_ENV]).expanduser().resolve()
     from core.data.prepare import cache_root
 
     return cache_root() / "features"

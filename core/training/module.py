@@ -120,11 +120,13 @@ class SlotModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def _encoder_from_file(self) -> bool:
-        """A frozen backbone loaded from its checkpoint file is not stored in our checkpoints
-        (344 MB for ViT-B): it is reloaded from the file and checked by its weights hash."""
+        """A frozen backbone that can be built again is not stored in our checkpoints (344 MB
+        for ViT-B): pretrained weights are reloaded from their file, random weights drawn again
+        from ``model.encoder.backbone.seed``; either way checked by the weights hash."""
         b = self.cfg.model.encoder.backbone
         encoder = self.model.encoder
-        return b.frozen and b.weights == "pretrained" and hasattr(encoder, "weights_hash")
+        rebuildable = b.weights in ("pretrained", "random")
+        return b.frozen and rebuildable and hasattr(encoder, "weights_hash")
 
     def _encoder_hash(self) -> str:
         if self._weights_hash is None:
@@ -151,7 +153,8 @@ class SlotModule(pl.LightningModule):
             raise SlotsweepError(
                 f"the checkpoint was trained on {info.get('model')} weights "
                 f"{info.get('weights_hash')} but the backbone loaded now has "
-                f"{self._encoder_hash()}: point model.encoder.backbone.checkpoint at the same file"
+                f"{self._encoder_hash()}: point model.encoder.backbone.checkpoint at the same file "
+                "(weights=random: use the same model.encoder.backbone.seed and architecture)"
             )
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
