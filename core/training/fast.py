@@ -20,6 +20,7 @@ Three parts, each usable alone:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -111,6 +112,8 @@ class CompiledStep:
         self.fallback_reason: str | None = None
         self._compiled: Callable[..., Any] | None = None
         if self.mode is not None:
+            # inductor on a CPU-only machine warns "No CUDA runtime is found": not actionable
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             self._compiled = torch.compile(fn, dynamic=False, mode=self.mode)
 
     @property
