@@ -149,12 +149,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default 30 (CPU), 200 (--gpu)")
     parser.add_argument("--warmup", type=int, default=None, help="default 10 (CPU), 50 (--gpu)")
     parser.add_argument("--pool", type=int, default=4, help="frame batches cycled in (a)/(d)")
-    parser.add_argument("--videos", type=int, default=64, help="generated videos")
+    parser.add_argument("--videos", type=int, default=None,
+                        help="generated videos (default 64; 256 with --gpu, so that an epoch, "
+                        "one clip per video, spans many steps)")
     parser.add_argument("--gpu", action="store_true",
                         help="random-weight backbone, issue targets printed")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     steps = args.steps or (200 if args.gpu else 30)
+    videos = args.videos or (256 if args.gpu else 64)
     warmup = args.warmup if args.warmup is not None else (50 if args.gpu else 10)
     overrides = list(args.overrides)
     if args.gpu:
@@ -168,7 +171,7 @@ def main() -> None:
 
     cfg = load_config(args.config, overrides)
     frames = max(cfg.dataset.ep_length, 8)
-    data = [f"dataset.synthetic.videos={args.videos}", f"dataset.synthetic.frames={frames}",
+    data = [f"dataset.synthetic.videos={videos}", f"dataset.synthetic.frames={frames}",
             f"dataset.synthetic.size={cfg.dataset.img_size}", "dataset.synthetic.val_fraction=0.1"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
