@@ -262,3 +262,15 @@ def test_cli_builds_verifies_and_reports_errors_in_one_line(tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_a_split_copied_to_a_device_gathers_the_same_rows(tmp_path):
+    # the GPU path (one tensor on the device, batches gathered there), exercised on the CPU
+    cfg, dm, encoder, splits = _setup(tiny(tmp_path))
+    cache = _ensure(cfg, dm, encoder, splits, shard_mb=5 / 1024)
+    split = cache.splits["train"]
+    rows = torch.stack([split.clip_rows(v, 1, 2) for v in (0, 2, 5)])  # crosses shard 0 -> 1
+    mapped = split.gather(rows)
+    split.to_device(torch.device("cpu"))
+    assert split.device_tensor is not None and split.device_tensor.shape == (24, 16, 32)
+    assert torch.equal(split.gather(rows), mapped)
