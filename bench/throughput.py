@@ -87,7 +87,7 @@ def run_mode(config: str, overrides: list[str], mode: str, steps: int, warmup: i
     cfg, dm = make_datamodule(cfg, None)
     module = SlotModule(cfg)
     if cached:
-        cache = feature_cache_for(cfg, module.model.encoder, dm, build=True, say=False,
+        cache = feature_cache_for(cfg, module.model.encoder, dm, say=False,
                                   log=lambda msg: None)
         dm.use_features(cache, cfg.feature_cache.gpu)
         loader = dm.train_dataloader()

@@ -128,16 +128,15 @@ def cache_features(cfg: Any, data_dir: str | Path | None = None, verify: bool = 
     Builds whatever ``feature_cache.mode`` says (it only decides what training does).
     """
     from core.data.feature_cache import open_cache, refusal
-    from core.models.build import build_model
+    from core.models.build import build_encoder
     from core.train import feature_cache_for, make_datamodule
 
     why = refusal(cfg)
     if why is not None:
         raise ConfigError(f"no feature cache for this config: {why}")
     cfg, datamodule = make_datamodule(cfg, data_dir)
-    encoder = build_model(cfg).encoder
     on = replace(cfg, feature_cache=replace(cfg.feature_cache, mode="build"))
-    cache = feature_cache_for(on, encoder, datamodule, build=True, say=False, log=log)
+    cache = feature_cache_for(on, build_encoder(cfg), datamodule, say=False, log=log)
     if verify:
         cache = open_cache(cache.root, cache.manifest["key_inputs"], full_check=True)
     return cache

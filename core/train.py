@@ -151,12 +151,10 @@ def make_datamodule(cfg: Config, data_dir: str | Path | None) -> tuple[Config, A
     return cfg, datamodule
 
 
-def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, build: bool | None = None,
-                      say: bool = True, log: Any = None) -> Any:
-    """The run's feature cache (``feature_cache.mode``), or ``None``: the backbone runs on frames.
-
-    ``build`` overrides the mode's choice of building a missing cache. Says what it decided.
-    """
+def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, say: bool = True,
+                      log: Any = None) -> Any:
+    """The run's feature cache (``feature_cache.mode``: ``build`` builds a missing one), or
+    ``None``: the backbone runs on frames. Says what it decided."""
     from core.data.feature_cache import ensure_cache, refusal
 
     fc = cfg.feature_cache
@@ -174,9 +172,9 @@ def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, build: bool | 
     splits = {cfg.dataset.train_split: datamodule.train_set.records}
     if datamodule.val_set is not None:
         splits[cfg.dataset.val_split] = datamodule.val_set.records
-    build = fc.mode == "build" if build is None else build
     cache = ensure_cache(encoder, cfg.dataset, splits, fc, cfg.model.encoder.backbone.model,
-                         build=build, normalization=(datamodule.mean, datamodule.std), log=log)
+                         build=fc.mode == "build", normalization=(datamodule.mean, datamodule.std),
+                         log=log)
     if say:
         if cache is None:
             print("feature cache: none for this backbone and data (`slotsweep cache-features "
@@ -244,6 +242,8 @@ def train(
     module.feature_cache = features  # the trial logger records which cache a run read
     if features is not None:
         datamodule.use_features(features, cfg.feature_cache.gpu)
+        # the cache key has just hashed these very weights: no second pass over them
+        module._weights_hash = features.manifest["key_inputs"]["weights_hash"]
     if ckpt is not None:
         _safe_load_weights(module, ckpt, continue_from)
         if mode == "resume":

@@ -129,11 +129,9 @@ def _build_cache(base: str, overrides: list[str], data_dir: str | None) -> tuple
     from core.config import load_config
     from core.tools import cache_features
 
-    logs: list[str] = []
     with redirect_stdout(io.StringIO()):
-        cfg = load_config(base, overrides)
-        cache = cache_features(cfg, data_dir, log=logs.append)
-    return not any(line.startswith("building") for line in logs), cache.describe()
+        cache = cache_features(load_config(base, overrides), data_dir, log=lambda msg: None)
+    return not cache.built, cache.describe()
 
 
 def _trainable(spec: specs.SweepSpec, ctx: TrialContext) -> Any:

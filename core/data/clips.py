@@ -76,6 +76,18 @@ def load_mask(path, size: int, frame_size: tuple[int, int] | None, resize: str =
         raise DataError(f"mask {path} cannot be read ({exc}): replace or remove it") from None
 
 
+def normalize_frames(frames: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(T, S, S, 3) uint8 -> (T, 3, S, S) float32 ``(x - mean) / std`` with ``mean``/``std``
+    of shape (1, 3, 1, 1) in 0-255 units: what the backbone sees, for clips and the cache."""
+    return (torch.from_numpy(frames).permute(0, 3, 1, 2).float() - mean) / std
+
+
+def pixel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean``, ``std`` (0-1 units) as (1, 3, 1, 1) tensors in 0-255 units."""
+    scale = lambda v: torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) * 255.0  # noqa: E731
+    return scale(mean), scale(std)
+
+
 class RandomClipSampler(Sampler):
     """Yields ``(video_index, start)`` keys: videos shuffled, one random clip each, per epoch.
 
@@ -132,8 +144,7 @@ class ClipDataset(Dataset):
         self.img_size = img_size
         self.resize = resize
         self.train = train
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.mean, self.std = pixel_stats(mean, std)
         has_masks = bool(self.records) and all(r.masks is not None for r in self.records)
         self.load_masks = (not train and has_masks) if load_masks is None else load_masks
         if self.load_masks and not has_masks:
@@ -174,8 +185,7 @@ class ClipDataset(Dataset):
         window = range(start, start + self.ep_length)
         decoded = [load_frame(record.frames[t], self.img_size, self.resize) for t in window]
         frames = np.stack([array for array, _ in decoded])
-        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-        return (video - self.mean) / self.std, [size for _, size in decoded]
+        return normalize_frames(frames, self.mean, self.std), [size for _, size in decoded]
 
     def _add_inputs(self, sample: dict, video_index: int, start: int) -> list | None:
         """Put the model's input into ``sample``; returns the frame sizes masks are checked

@@ -115,12 +115,10 @@ class VideoDataModule(pl.LightningDataModule):
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         pin_memory: bool | None = None,
         batch_size: int | None = None,
-        features: Any = None,
-        features_on_gpu: str = "auto",
     ) -> None:
         super().__init__()
-        self.features = features  # a core.data.feature_cache.FeatureCache, or None
-        self.features_on_gpu = features_on_gpu
+        self.features: Any = None  # a core.data.feature_cache.FeatureCache: see use_features
+        self.features_on_gpu = "auto"
         cfg.validate()
         self.cfg = cfg
         self.seed = seed

@@ -193,7 +193,7 @@ class SplitFeatures:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only memory map: we never write to it
             tensor = torch.from_numpy(array)
-        return tensor.clone().view(self.dtype).view(count, *self.shape)
+        return tensor.view(self.dtype).view(count, *self.shape)  # a view: callers copy
 
     def clip_rows(self, video: int, start: int, length: int) -> torch.Tensor:
         """Global row numbers of ``length`` frames of ``video`` from ``start``."""
@@ -223,6 +223,7 @@ class FeatureCache:
     root: Path
     manifest: dict[str, Any]
     splits: dict[str, SplitFeatures]
+    built: bool = False  # built by the ensure_cache call that returned it
 
     @property
     def nbytes(self) -> int:
@@ -321,21 +322,22 @@ def _locked(path: Path) -> Iterator[None]:
 class _Frames(torch.utils.data.Dataset):
     """Every frame of a split, in record order, decoded and normalised like training clips."""
 
-    def __init__(self, records: Sequence[Any], dataset: Any, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
+    def __init__(self, records: Sequence[Any], dataset: Any,
+                 normalization: tuple[Sequence[float], Sequence[float]]) -> None:
+        from core.data.clips import pixel_stats
+
         self.paths = [p for r in records for p in r.frames]
         self.size, self.resize = dataset.img_size, dataset.resize
-        self.mean = torch.tensor(mean).view(3, 1, 1) * 255.0
-        self.std = torch.tensor(std).view(3, 1, 1) * 255.0
+        self.mean, self.std = pixel_stats(*normalization)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from core.data.clips import load_frame
+        from core.data.clips import load_frame, normalize_frames
 
         array, _ = load_frame(self.paths[i], self.size, self.resize)
-        return (torch.from_numpy(array.copy()).permute(2, 0, 1).float() - self.mean) / self.std
+        return normalize_frames(np.stack([array]), self.mean, self.std)[0]
 
 
 class _ShardWriter:
@@ -373,7 +375,8 @@ class _ShardWriter:
 
 
 def _build(folder: Path, encoder: torch.nn.Module, dataset: Any,
-           splits: dict[str, Sequence[Any]], inputs: dict[str, Any], shard_mb: float,
+           splits: dict[str, Sequence[Any]], inputs: dict[str, Any],
+           normalization: tuple[Sequence[float], Sequence[float]], shard_mb: float,
            device: torch.device, batch_frames: int, log: Callable[[str], None]) -> None:
     dtype = DTYPES[inputs["dtype"]]
     P, F = int(encoder.n_patches), int(encoder.feat_dim)
@@ -384,7 +387,7 @@ def _build(folder: Path, encoder: torch.nn.Module, dataset: Any,
     total = sum(len(r) for records in splits.values() for r in records)
     for split, records in splits.items():
         loader = torch.utils.data.DataLoader(
-            _Frames(records, dataset, inputs["mean"], inputs["std"]), batch_size=batch_frames,
+            _Frames(records, dataset, normalization), batch_size=batch_frames,
             shuffle=False, num_workers=dataset.num_workers, pin_memory=device.type == "cuda")
         writer = _ShardWriter(folder, split, (P, F), rows_per_shard)
         with torch.inference_mode():
@@ -457,13 +460,14 @@ def ensure_cache(encoder: Any, dataset: Any, splits: dict[str, Sequence[Any]],
             previous = encoder.training, next(encoder.parameters()).device
             try:
                 encoder.to(device).eval()
-                _build(tmp, encoder, dataset, splits, inputs, cfg.shard_mb, device,
+                _build(tmp, encoder, dataset, splits, inputs, normalization, cfg.shard_mb, device,
                        batch_frames, log)
                 os.replace(tmp, path)
             finally:
                 encoder.to(previous[1]).train(previous[0])
                 shutil.rmtree(tmp, ignore_errors=True)
             cache = open_cache(path, inputs)
+            cache.built = True
             log(f"built feature cache {cache.describe()} in {cache.manifest['seconds']:.1f} s")
             return cache
     except OSError as exc:
