@@ -527,8 +527,9 @@ def make_search_alg(spec: SweepSpec) -> Any:
 def make_scheduler(spec: SweepSpec, val_check_interval: int) -> Any:
     """FIFO, or ASHA on training steps (trials report ``step``); grace defaults to the interval.
 
-    Caveat (ANCHORS 5): a trial ASHA stops early reaches Optuna as COMPLETE with its early value,
-    which skews TPE towards whatever looks good early; Optuna's own pruners are off under Tune.
+    Caveat (Ray Tune's OptunaSearch): a trial ASHA stops early reaches Optuna as COMPLETE with
+    its early value, which skews TPE towards whatever looks good early; Optuna's own pruners are
+    off under Tune.
     """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

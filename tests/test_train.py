@@ -13,7 +13,7 @@ import torch
 from core.config import load_config
 from core.errors import ConfigError, SlotsweepError
 from core.train import main, read_checkpoint, train
-from core.training.module import NonFiniteLossError, lr_lambda, param_groups
+from core.training.module import NonFiniteLossError, SlotModule, lr_lambda, param_groups
 
 FAST = ["dataset.batch_size=2", "trainer.checkpoint_every=2", "trainer.val_check_interval=2"]
 
@@ -162,11 +162,21 @@ def test_fine_tune_strategy_trains_the_backbone_with_its_own_lr():
 
 
 def test_learning_rate_schedule():
-    assert lr_lambda(0, 10, "exponential", 0.5, 100) == pytest.approx(0.1)
-    assert lr_lambda(9, 10, "exponential", 0.5, 100) == pytest.approx(1.0)
-    assert lr_lambda(110, 10, "exponential", 0.5, 100) == pytest.approx(0.5)
-    assert lr_lambda(60, 10, "cosine", 0.5, 100) == pytest.approx(0.5)
-    assert lr_lambda(5, 0, "none", 0.5, 100) == 1.0
+    """Named steps of the published schedule: tests/test_parity.py; here the Lightning wiring:
+    the optimizer's lr follows lr_lambda step by step."""
+    cfg = load_config("tiny", ["optimizer.warmup_steps=4", "optimizer.decay_steps=12"])
+    module = SlotModule(cfg)
+    conf = module.configure_optimizers()
+    optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(14):
+        seen.append(optimizer.param_groups[-1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    want = [cfg.optimizer.lr * lr_lambda(s, 4, "exponential", 0.5, 12) for s in range(14)]
+    assert seen == pytest.approx(want)
+    assert seen[0] == 0.0 and seen[4] == pytest.approx(cfg.optimizer.lr)
+    assert seen[12] == pytest.approx(0.5 * cfg.optimizer.lr)
 
 
 # ---------------------------------------------------------------- the command line

@@ -167,6 +167,12 @@ def validate(cfg: Config) -> None:
     _require(o.decay in ("exponential", "cosine", "none"),
              f"optimizer.decay={o.decay!r} is not one of exponential, cosine, none")
     _require(o.decay_steps >= 1, f"optimizer.decay_steps must be >= 1, got {o.decay_steps}")
+    _require(o.decay == "none" or o.decay_steps > o.warmup_steps,
+             f"optimizer.decay_steps={o.decay_steps} must be > optimizer.warmup_steps="
+             f"{o.warmup_steps}: the decay runs from the end of warm-up to decay_steps")
+    _require(m.predictor.attention_scale in ("published", "standard"),
+             f"model.predictor.attention_scale={m.predictor.attention_scale!r} is not one of "
+             "published, standard")
     for i, group in enumerate(o.param_groups):
         try:
             re.compile(group.regex)

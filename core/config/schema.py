@@ -98,6 +98,9 @@ class PredictorConfig:
     n_heads: int = 4
     ffn_ratio: int = 4
     n_blocks: int = 1
+    # published: q k^T * sqrt(head_dim), as the published SlotContrast code computes it (a bug
+    # there, kept as the default for parity); standard: q k^T / sqrt(head_dim)
+    attention_scale: str = "published"
     frozen: bool = False
 
 

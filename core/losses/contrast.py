@@ -1,4 +1,5 @@
-"""Slot-slot temporal contrast (``loss_ss``, SlotContrast; ANCHORS 1)."""
+"""Slot-slot temporal contrast (``loss_ss``; Manasyan et al., CVPR 2025, "Temporally Consistent
+Object-Centric Learning by Contrasting Slots")."""
 
 from __future__ import annotations
 

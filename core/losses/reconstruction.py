@@ -1,4 +1,4 @@
-"""Feature reconstruction loss (``loss_featrec``, ANCHORS 1)."""
+"""Feature reconstruction loss (``loss_featrec``; DINOSAUR, Seitzer et al., ICLR 2023)."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def build_model(cfg: Config, encoder: nn.Module | None = None) -> SlotVideoModel
     initializer = INITIALIZERS.build(i.name, strict=False, n_slots=i.n_slots, dim=i.dim)
     predictor = PREDICTORS.build(
         p.name, strict=False, dim=p.dim, n_heads=p.n_heads, ffn_ratio=p.ffn_ratio,
-        n_blocks=p.n_blocks,
+        n_blocks=p.n_blocks, attention_scale=p.attention_scale,
     )
     decoder = DECODERS.build(
         d.name, strict=False, inp_dim=d.inp_dim, outp_dim=d.outp_dim,

@@ -1,4 +1,4 @@
-"""Decoders: reconstruct the frozen encoder features from slots (ANCHORS 1.6)."""
+"""Decoders: reconstruct the frozen encoder features from slots."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.models.weight_init import zero_biases
 from core.registry import Registry
 
 DECODERS = Registry("model.decoder")
@@ -47,9 +48,12 @@ class MLPDecoder(nn.Module):
         self.inp_dim, self.outp_dim, self.n_patches = inp_dim, outp_dim, n_patches
         self.split_first_layer = split_first_layer
         dims = [inp_dim, *hidden_dims, outp_dim + 1]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1, n_patches, inp_dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.layers = zero_biases(
+            nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        )
+        # published initialisation: N(0, 1/D) position embedding, PyTorch-default weights with
+        # zero biases (martius-lab/slotcontrast@17b42b0 modules/decoders.py::MLPDecoder)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1, n_patches, inp_dim) * inp_dim**-0.5)
 
     def first_layer(self, slots: torch.Tensor) -> torch.Tensor:
         """(B, K, D) -> (B, K, N, h1): the first Linear applied to slot + position embedding."""

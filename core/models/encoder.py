@@ -1,7 +1,7 @@
 """Frozen (or fine-tuned) ViT encoder: silicon-menagerie DINO/Mugs/MAE checkpoints or timm models.
 
 Features are the output of one block (the last by default) BEFORE the final norm, prefix tokens
-(CLS, registers) dropped, via timm's ``forward_intermediates`` (ANCHORS 1.1 and 2). Checkpoints are
+(CLS, registers) dropped, via timm's ``forward_intermediates``. Checkpoints are
 only ever read from disk (``torch.load(weights_only=True)``); nothing here downloads.
 """
 

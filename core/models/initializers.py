@@ -1,4 +1,4 @@
-"""Slot initializers: the slots frame 0 starts from (ANCHORS 1.3)."""
+"""Slot initializers: the slots frame 0 starts from."""
 
 from __future__ import annotations
 

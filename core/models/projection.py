@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.models.weight_init import zero_biases
 from core.registry import Registry
 
 PROJECTIONS = Registry("model.encoder.output_transform")
@@ -12,7 +13,8 @@ PROJECTIONS = Registry("model.encoder.output_transform")
 
 @PROJECTIONS.register("MLP")
 class FeatureMLP(nn.Module):
-    """LayerNorm(F) -> Linear(F, hidden) -> ReLU -> Linear(hidden, outp) (ANCHORS 1.2).
+    """LayerNorm(F) -> Linear(F, hidden) -> ReLU -> Linear(hidden, outp), zero biases (as the
+    published ``two_layer_mlp``).
 
     Args:
         inp_dim: feature width F of the encoder output.
@@ -34,6 +36,7 @@ class FeatureMLP(nn.Module):
         self.norm: nn.Module = nn.LayerNorm(inp_dim) if layer_norm else nn.Identity()
         self.fc1 = nn.Linear(inp_dim, hidden)
         self.fc2 = nn.Linear(hidden, outp_dim)
+        zero_biases(self)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(..., F) -> (..., outp_dim)."""

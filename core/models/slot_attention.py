@@ -1,4 +1,4 @@
-"""Slot attention on one frame (ANCHORS 1.4). The loop over time lives in ``video.py``."""
+"""Slot attention on one frame. The loop over time lives in ``video.py``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from core.models.weight_init import zero_biases
 from core.registry import Registry
 
 GROUPERS = Registry("model.grouper")
@@ -15,10 +16,17 @@ GROUPERS = Registry("model.grouper")
 class SlotAttention(nn.Module):
     """Iterative slot attention (Locatello et al. 2020) as used by VideoSAUR / SlotContrast.
 
-    Per call: LayerNorm(inputs) -> k, v (computed once). Per iteration: LayerNorm(slots) -> q;
-    logits = q k^T * d^-0.5 (d = per-head width, ``slot_dim`` when ``heads == 1``);
+    Per call: LayerNorm(inputs) -> k, v (computed once). Per iteration: ``s = LayerNorm(slots)``,
+    q = s W_q; logits = q k^T * d^-0.5 (d = per-head width, ``slot_dim`` when ``heads == 1``);
     softmax over SLOTS; + ``eps``; renormalise over inputs (weighted mean of v);
-    ``GRUCell(update, slots_prev)``; residual MLP (LayerNorm, D -> mlp_ratio*D -> D).
+    ``GRUCell(update, s)``; residual MLP ``s' + MLP(s')`` (LayerNorm, D -> mlp_ratio*D -> D, zero
+    biases).
+
+    The GRU's hidden state is the *normalised* slots ``s``, as in the published SlotContrast /
+    VideoSAUR step (martius-lab/slotcontrast@17b42b0 ``modules/groupers.py``: ``slots =
+    self.norm_slots(slots)`` overwrites the slots before the query and the GRU). Locatello et
+    al.'s original passes the raw slots; with the same weights the two differ, and the published
+    form is the one that produced the published numbers.
 
     Args:
         inp_dim: width of the (projected) input features.
@@ -61,13 +69,15 @@ class SlotAttention(nn.Module):
             nn.ReLU(),
             nn.Linear(mlp_ratio * slot_dim, slot_dim),
         )
+        zero_biases(self.mlp)
 
     def step(
         self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration. keys/values (B, H, N, d); returns new slots and the (B, K, N) mask."""
         B, K, D = slots.shape
-        q = rearrange(self.to_q(self.norm_slots(slots)), "b k (h d) -> b h k d", h=self.heads)
+        slots = self.norm_slots(slots)  # the published step: also the GRU's hidden state
+        q = rearrange(self.to_q(slots), "b k (h d) -> b h k d", h=self.heads)
         logits = torch.einsum("bhkd,bhnd->bhkn", q, keys) * self.scale
         attn = logits.softmax(dim=-2)  # over slots
         weights = attn + self.eps

@@ -52,14 +52,26 @@ class NonFiniteLossError(SlotsweepError):
 
 
 def lr_lambda(step: int, warmup: int, decay: str, decay_rate: float, decay_steps: int) -> float:
-    """Linear warm-up to 1, then exponential (``decay_rate`` per ``decay_steps``) or cosine."""
-    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    after = max(0, step - warmup)
+    """The learning-rate factor at optimizer step ``step`` (0-based), as published.
+
+    SlotContrast / VideoSAUR (martius-lab/slotcontrast@17b42b0 ``schedulers.py``,
+    ``exp_decay_with_warmup`` / ``cosine_decay_with_warmup``):
+
+    - warm-up, ``step < warmup``: ``step / warmup`` (0 at the first step);
+    - then exponential: ``decay_rate ** ((step - warmup) / (decay_steps - warmup))``, so the
+      factor is 1 at the end of warm-up and ``decay_rate`` at ``decay_steps``;
+    - or cosine: ``0.5 * (1 + cos(pi * min(step - warmup, decay_steps - warmup) /
+      (decay_steps - warmup)))``, reaching 0 at ``decay_steps``;
+    - or ``none``: 1 after warm-up.
+    """
+    if step < warmup:
+        return step / warmup
+    after, span = step - warmup, decay_steps - warmup
     if decay == "exponential":
-        factor *= decay_rate ** (after / decay_steps)
-    elif decay == "cosine":
-        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, after / decay_steps)))
-    return factor
+        return decay_rate ** (after / span)
+    if decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
+    return 1.0
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
