@@ -97,6 +97,7 @@ def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
     import numpy as np
     from PIL import Image
 
+    from core.data.clips import MASKS_KEY
     from core.training.callbacks import slot_grid
 
     cfg, module = load_trained(checkpoint)
@@ -110,8 +111,9 @@ def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
     masks = module._masks(out)
     written = []
     for i in range(min(clips, batch["video"].shape[0])):
+        true = batch[MASKS_KEY][i] if MASKS_KEY in batch else None
         grid = slot_grid(batch["video"][i], masks[i], mean, std, out["features"][i],
-                         out["reconstruction"][i])
+                         out["reconstruction"][i], true)
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         path = output / f"clip{i:02d}.png"
         Image.fromarray(array).save(path)

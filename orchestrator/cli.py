@@ -40,6 +40,9 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
             max_objects=args.max_objects,
             digits=args.digits,
             textured_background=args.textured_background,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            colors=args.colors,
         )
         last = [-1]
 
@@ -316,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--max-objects", type=int, default=6)
     syn.add_argument("--digits", action="store_true", help="also draw digit sprites")
     syn.add_argument("--textured-background", action="store_true")
+    syn.add_argument("--min-size", type=float, default=0.12,
+                     help="smallest object half-extent, as a fraction of --size")
+    syn.add_argument("--max-size", type=float, default=0.3)
+    syn.add_argument("--colors", type=int, default=None,
+                     help="draw object colours from this many palette colours, shared between "
+                          "objects (default: every object its own colour)")
     syn.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
     syn.set_defaults(func=_cmd_make_data)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from dino_format import FAKE, TINY, dino_head_state, write_dino_checkpoint  # noqa: F401
-from timm.layers import resample_abs_pos_embed
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from core.baselines import position_r2
 from core.errors import ConfigError
 from core.models import encoder as enc_mod
 from core.models.encoder import (
@@ -339,3 +340,24 @@ def test_mugs_and_mae_layouts(tmp_path: Path, monkeypatch) -> None:
         enc = TimmEncoder(name, checkpoint=str(tmp_path / file))
         assert enc.loaded_tensors == len(sd)
         assert all(torch.equal(enc.vit.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_sincos_position_embedding_makes_position_decodable(tiny_ckpt) -> None:
+    """A random ViT's features barely say where a patch is; with sincos_pos_embed they do."""
+    kw = dict(weights="random", img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    torch.manual_seed(0)
+    plain = TimmEncoder("vit", **kw)
+    torch.manual_seed(0)
+    sincos = TimmEncoder("vit", sincos_pos_embed=0.5, **kw)
+    want = build_sincos2d_pos_embed([8, 8], 48) * 0.5
+    torch.testing.assert_close(sincos.vit.pos_embed[0, 1:], want)  # CLS keeps a zero entry
+    assert not sincos.vit.pos_embed[0, 0].any()
+    assert sincos.weights_hash() != plain.weights_hash()  # a feature cache tells them apart
+    images = torch.rand(16, 3, 64, 64)  # noise: nothing but the embedding says where a patch is
+    r2_plain = position_r2(plain(images), (8, 8))
+    r2_sincos = position_r2(sincos(images), (8, 8))
+    assert r2_plain < 0.5 < 0.9 < r2_sincos, (r2_plain, r2_sincos)
+    with pytest.raises(ConfigError, match="weights=random"):
+        TimmEncoder(FAKE, checkpoint=str(tiny_ckpt[0]), sincos_pos_embed=1.0)
+    with pytest.raises(ConfigError, match=">= 0"):
+        TimmEncoder("vit", sincos_pos_embed=-1.0, **kw)

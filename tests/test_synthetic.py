@@ -14,6 +14,7 @@ from core.data.layout import FRAMES_DIRNAME, JSON_DIRNAME, MASKS_DIRNAME
 from core.data.synthetic import (
     DIGIT_SHAPES,
     GENERATOR_NAME,
+    PALETTE,
     PLAIN_BACKGROUND,
     SyntheticSpec,
     Video,
@@ -215,6 +216,25 @@ def test_textured_background_option() -> None:
     assert gen(0, spec).frames.tobytes() != gen(0, plain).frames.tobytes()
 
 
+def test_shared_colours_option() -> None:
+    """colors=n: objects draw from n palette colours with replacement, so they share them; the
+    default keeps one colour per object and the same draws as before the option existed."""
+    spec = SyntheticSpec(n_frames=2, size=48, min_objects=5, max_objects=6, colors=2)
+    shared = 0
+    for seed in range(6):
+        v = gen(seed, spec)
+        colours = [tuple(o["color"]) for o in v.objects]
+        assert set(colours) <= {tuple(c) for c in PALETTE[:2]}
+        shared += len(set(colours)) < len(colours)
+        for o in v.objects:  # masks still tell same-coloured objects apart
+            assert (v.frames[v.masks == o["id"]] == o["color"]).all()
+    assert shared == 6
+    plain = SyntheticSpec(n_frames=2, size=48, min_objects=5, max_objects=6)
+    for seed in range(6):
+        colours = [tuple(o["color"]) for o in gen(seed, plain).objects]
+        assert len(set(colours)) == len(colours)
+
+
 # --- dataset writer ----------------------------------------------------------------------------
 
 
@@ -300,6 +320,8 @@ def test_refuses_foreign_directory_and_overwrites_own(tmp_path: Path) -> None:
         ({"min_size": 0.3, "max_size": 0.2}, "min_size"),
         ({"max_size": 0.6}, "max_size"),
         ({"max_speed": -1.0}, "max_speed"),
+        ({"colors": 0}, "colors"),
+        ({"colors": 13}, "colors"),
     ],
 )
 def test_spec_validation(kwargs: dict, match: str) -> None:

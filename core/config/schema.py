@@ -53,6 +53,9 @@ class BackboneConfig:
     checkpoint: str | None = None  # .pth file, its folder, or a hub cache folder
     layer: int | None = None  # block whose output is the feature (None: the last)
     seed: int = 0  # weights=random: the backbone's own seed (trials of a sweep share it)
+    # weights=random: 0 keeps timm's position embedding (std 0.02: the features barely say where
+    # a patch is); s > 0 sets a fixed 2-D sine-cosine embedding times s (core/models/encoder.py)
+    sincos_pos_embed: float = 0.0
     vit: dict[str, Any] = field(default_factory=dict)  # architecture overrides (tiny configs)
 
 

@@ -30,6 +30,9 @@ class SyntheticDataConfig:
     max_objects: int = 6
     digits: bool = False
     textured_background: bool = False
+    min_size: float = 0.12  # object half-extent, fraction of size
+    max_size: float = 0.3
+    colors: int | None = None  # None: one colour per object; n: drawn from n colours, shared
 
 
 @dataclass

@@ -58,6 +58,10 @@ class SyntheticSpec:
     ``min_size``/``max_size`` are fractions of ``size``; an object's size is its half-extent in
     pixels (disk radius, half side of a square, circumradius of a triangle, half height of a
     digit). ``max_speed`` is in pixels per frame; ``None`` means ``0.06 * size``.
+    ``colors``: ``None`` gives every object of a video its own palette colour; ``n`` draws each
+    object's colour from the first ``n`` palette colours with replacement, so objects of one
+    video may share a colour and only their place tells them apart (clustering colours then
+    merges objects; finding objects does not).
     """
 
     n_frames: int = 8
@@ -70,6 +74,7 @@ class SyntheticSpec:
     min_size: float = 0.12
     max_size: float = 0.3
     max_speed: float | None = None
+    colors: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shapes, str):
@@ -96,6 +101,8 @@ class SyntheticSpec:
             )
         if self.min_size == self.max_size and self.max_objects > 1:
             raise ValueError("min_size must be < max_size so objects can get distinct sizes")
+        if self.colors is not None and not 1 <= self.colors <= len(PALETTE):
+            raise ValueError(f"colors must be in 1..{len(PALETTE)} (or unset), got {self.colors}")
         if self.max_speed is not None and self.max_speed < 0:
             raise ValueError(f"max_speed must be >= 0, got {self.max_speed}")
 
@@ -214,7 +221,10 @@ def generate_video(rng: np.random.Generator, spec: SyntheticSpec) -> Video:
     """Generate one video from ``rng`` (same rng state and spec -> identical output)."""
     n_obj = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     families = list(spec.shapes) + (["digit"] if spec.digits else [])
-    colours = rng.choice(len(PALETTE), size=n_obj, replace=False)
+    if spec.colors is None:
+        colours = rng.choice(len(PALETTE), size=n_obj, replace=False)
+    else:
+        colours = rng.choice(spec.colors, size=n_obj, replace=True)
     size_grid = np.linspace(spec.min_size * spec.size, spec.max_size * spec.size, 64)
     sizes = size_grid[rng.choice(len(size_grid), size=n_obj, replace=False)]
     depths = rng.permutation(n_obj)

@@ -57,6 +57,7 @@ def _build_encoder(cfg: Config) -> nn.Module:
         img_size=cfg.dataset.img_size,
         layer=b.layer,
         gradient_checkpointing=cfg.trainer.gradient_checkpointing and not b.frozen,
+        sincos_pos_embed=b.sincos_pos_embed,
         **dict(b.vit),
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -236,6 +236,13 @@ class TimmEncoder(nn.Module):
         img_size: input side in pixels; checkpoints' position embeddings are resampled to it.
         layer: 0-based block whose output is taken (negative counts from the end); ``None`` = last.
         gradient_checkpointing: timm grad checkpointing for fine-tuning.
+        sincos_pos_embed: random weights only. 0 keeps timm's position embedding (truncated
+            normal, std 0.02); a value ``s > 0`` replaces it by the fixed 2-D sine-cosine
+            embedding of MAE (He et al. 2022; ``timm.layers.build_sincos2d_pos_embed``) times
+            ``s``. A trained ViT's patch features say where each patch is; a random ViT's,
+            whose patch tokens are ~40x larger than timm's initial position embedding, barely
+            do (:func:`core.baselines.position_r2`), and slots made of them cannot say where
+            their object is.
         **vit_overrides: extra VisionTransformer / timm.create_model kwargs (depth, embed_dim...).
     """
 
@@ -248,11 +255,22 @@ class TimmEncoder(nn.Module):
         img_size: int = 224,
         layer: int | None = None,
         gradient_checkpointing: bool = False,
+        sincos_pos_embed: float = 0.0,
         **vit_overrides: Any,
     ) -> None:
         super().__init__()
         if weights not in ("pretrained", "random"):
             raise ConfigError(f"model.encoder.backbone.weights={weights!r}: use pretrained|random")
+        if sincos_pos_embed and weights != "random":
+            raise ConfigError(
+                "model.encoder.backbone.sincos_pos_embed replaces a random ViT's position "
+                "embedding: it needs model.encoder.backbone.weights=random (a pretrained ViT "
+                "keeps its own)"
+            )
+        if sincos_pos_embed < 0:
+            raise ConfigError(
+                f"model.encoder.backbone.sincos_pos_embed must be >= 0, got {sincos_pos_embed}"
+            )
         self.model_name, self.frozen = model, frozen
         self.checkpoint_path: Path | None = None
         self.loaded_tensors = 0
@@ -292,11 +310,25 @@ class TimmEncoder(nn.Module):
         if not -depth <= index < depth:
             raise ConfigError(f"model.encoder.backbone.layer={layer}: the ViT has {depth} blocks")
         self.layer_index = index % depth
+        if sincos_pos_embed:
+            self._set_sincos_pos_embed(sincos_pos_embed)
         if gradient_checkpointing:
             self.vit.set_grad_checkpointing(True)
         if frozen:
             self.vit.requires_grad_(False)
         self.train(self.training)
+
+    @torch.no_grad()
+    def _set_sincos_pos_embed(self, scale: float) -> None:
+        """pos_embed <- scale * 2-D sine-cosine embedding of the patch grid (prefix tokens: 0)."""
+        vit = self.vit
+        if getattr(vit, "pos_embed", None) is None:
+            raise ConfigError(f"encoder model {self.model_name} has no position embedding to set")
+        grid = build_sincos2d_pos_embed(list(self.grid_size), vit.embed_dim)  # (P, F)
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        pos = torch.zeros_like(vit.pos_embed)
+        pos[:, prefix:] = scale * grid.to(pos.dtype)
+        vit.pos_embed.copy_(pos)
 
     @property
     def feat_dim(self) -> int:

@@ -54,13 +54,15 @@ def slot_grid(
     std: tuple,
     features: torch.Tensor | None = None,
     reconstruction: torch.Tensor | None = None,
+    true: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One image (3, H', W') of a clip: row 1 frames, rows 2..K+1 each slot's mask applied to the
-    frames, then the frames overlaid with each pixel's argmax slot colour and, when given, the
+    frames, then the frames overlaid with each pixel's argmax slot colour, when given the ground
+    truth overlaid the same way (one colour per object id, background left plain), and the
     target features and their reconstruction (first three principal components as RGB).
 
     ``video``: (T, 3, H, W) normalised; ``masks``: (T, K, h, w) soft masks; ``features`` and
-    ``reconstruction``: (T, h*w, F).
+    ``reconstruction``: (T, h*w, F); ``true``: (T, H, W) object ids (0 = background).
     """
     T, _, H, W = video.shape
     K = masks.shape[1]
@@ -73,6 +75,13 @@ def slot_grid(
     seg = colours[up.argmax(dim=1)].permute(0, 3, 1, 2)  # (T, 3, H, W)
     overlay = 0.5 * frames + 0.5 * seg
     rows = [frames, *per_slot.unbind(1), overlay]  # each (T, 3, H, W)
+    if true is not None:
+        ids = true.long()
+        if ids.shape[-2:] != (H, W):
+            ids = F.interpolate(ids[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()
+        truth = _PALETTE[(ids - 1) % len(_PALETTE)].permute(0, 3, 1, 2)
+        background = (ids == 0).unsqueeze(1)
+        rows.append(torch.where(background, frames, 0.5 * frames + 0.5 * truth))
     if features is not None and reconstruction is not None:
         grid_hw = (masks.shape[-2], masks.shape[-1])
         target, recon = feature_pca(features, reconstruction, grid_hw, H)
@@ -104,7 +113,7 @@ class SlotVisualizer(pl.Callback):
             return
         self._last_step = step
         grid = slot_grid(visual["video"], visual["masks"], self.mean, self.std,
-                         visual.get("features"), visual.get("reconstruction"))
+                         visual.get("features"), visual.get("reconstruction"), visual.get("true"))
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):

@@ -301,6 +301,7 @@ class SlotModule(pl.LightningModule):
                     "masks": masks[0].cpu(),
                     "features": outputs[FEATURES][0].float().cpu(),
                     "reconstruction": outputs[RECONSTRUCTION][0].float().cpu(),
+                    "true": batch[MASKS_KEY][0].cpu(),
                 }
 
     def _reduce(self, values: Sequence[float]) -> list[float]:
