@@ -43,6 +43,7 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
             min_size=args.min_size,
             max_size=args.max_size,
             colors=args.colors,
+            max_speed=args.max_speed,
         )
         last = [-1]
 
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--min-size", type=float, default=0.12,
                      help="smallest object half-extent, as a fraction of --size")
     syn.add_argument("--max-size", type=float, default=0.3)
+    syn.add_argument("--max-speed", type=float, default=None,
+                     help="pixels per frame (default 0.06 * --size)")
     syn.add_argument("--colors", type=int, default=None,
                      help="draw object colours from this many palette colours, shared between "
                           "objects (default: every object its own colour)")

@@ -297,3 +297,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["check-data", "--data-dir", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing/json does not exist" in err and "\n" not in err
+
+
+def _objects(root) -> list[dict]:
+    index = json.loads((root / "json" / "train.json").read_text())
+    return [o for video in index["videos"] for o in video["objects"]]
+
+
+def test_the_configs_object_options_reach_the_generator(tmp_path):
+    """dataset.synthetic's colors, sizes and speed decide what is generated."""
+    from core.config import load_config
+    from core.data.prepare import ensure_synthetic
+
+    cfg = load_config("tiny", ["dataset.synthetic.colors=1", "dataset.synthetic.max_speed=0.0",
+                               "dataset.synthetic.min_size=0.2", "dataset.synthetic.max_size=0.25"])
+    root = ensure_synthetic(cfg.dataset, tmp_path / "d")
+    objects = _objects(root)
+    assert objects and len({tuple(o["color"]) for o in objects}) == 1
+    assert all(o["velocity"] == [0.0, 0.0] for o in objects)
+    assert all(0.2 * 56 <= o["size"] <= 0.25 * 56 for o in objects)
+
+
+def test_cli_make_data_object_options(tmp_path):
+    out = tmp_path / "gen"
+    argv = ["make-data", "synthetic", "--out", str(out), "--videos", "4", "--frames", "2",
+            "--size", "32", "--colors", "1", "--max-speed", "0", "--min-size", "0.2",
+            "--max-size", "0.25"]
+    assert main(argv) == 0
+    objects = _objects(out)
+    assert len({tuple(o["color"]) for o in objects}) == 1
+    assert all(o["velocity"] == [0.0, 0.0] for o in objects)
+    assert all(0.2 * 32 <= o["size"] <= 0.25 * 32 for o in objects)

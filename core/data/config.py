@@ -33,6 +33,7 @@ class SyntheticDataConfig:
     min_size: float = 0.12  # object half-extent, fraction of size
     max_size: float = 0.3
     colors: int | None = None  # None: one colour per object; n: drawn from n colours, shared
+    max_speed: float | None = None  # pixels per frame; None: 0.06 * size
 
 
 @dataclass
