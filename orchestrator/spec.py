@@ -340,6 +340,18 @@ def grid_size(spec: SweepSpec) -> int | None:
     return math.prod(len(d.args) for d in spec.search.values())
 
 
+def strata(spec: SweepSpec) -> int:
+    """Grid points of a random sweep's ``grid`` dimensions (1 when it has none).
+
+    A random sweep may mix ``grid`` dimensions, every value of which is tried, with sampled ones:
+    each grid point gets ``trials / strata`` trials with their own draws of the sampled values
+    (stratified sampling, Ray Tune's ``grid_search`` inside ``num_samples``).
+    """
+    if spec.algorithm.name != "random":
+        return 1
+    return math.prod(len(d.args) for d in spec.search.values() if d.kind == "grid")
+
+
 def metric_names(cfg: Config) -> list[str]:
     """The metrics training logs for ``cfg`` (core.training.module), i.e. what can be selected."""
     terms = [f"{TRAIN_LOSS}/{n.removeprefix('loss_')}" for n, w in cfg.model.loss_weights.items()
@@ -382,8 +394,6 @@ def _check_search(spec: SweepSpec, composed: DictConfig) -> None:
                  f"search {key}: {key} is an int: use randint or choice, not {dist.kind}")
         _require(dist.kind != "grid" or algo != "optuna", f"search {key}: grid search is not "
                  "supported by optuna: use choice, or algorithm grid")
-        _require(dist.kind != "grid" or algo != "random",
-                 f"search {key}: grid needs algorithm grid (random samples): use choice")
         _require(algo != "grid" or dist.kind in ("choice", "grid"),
                  f"search {key}: algorithm grid needs finite choices (choice or grid), not "
                  f"{dist.kind}: use choice, or algorithm random/optuna")
@@ -467,6 +477,10 @@ def validate(spec: SweepSpec) -> SweepSpec:
         spec.trials = size
     _require(spec.trials is not None and spec.trials >= 1,
              f"trials must be >= 1 for algorithm {spec.algorithm.name}, got {spec.trials}")
+    points = strata(spec)
+    _require(spec.trials % points == 0,
+             f"trials={spec.trials} but the grid dimensions have {points} points, each tried "
+             f"equally often: use a multiple of {points}")
     _require(spec.concurrency >= 1,
              f"concurrency must be >= 1 (trials at a time), got {spec.concurrency}")
     _check_resources(spec.resources)
@@ -546,8 +560,11 @@ def make_scheduler(spec: SweepSpec, val_check_interval: int) -> Any:
 
 
 def num_samples(spec: SweepSpec) -> int:
-    """Tune's ``num_samples``: the trials for random/optuna; 1 for a grid (it expands itself)."""
-    return 1 if spec.algorithm.name == "grid" else int(spec.trials or 1)
+    """Tune's ``num_samples``: the trials for random/optuna; 1 for a grid (it expands itself); for
+    a random sweep with grid dimensions, the trials of each grid point (Tune repeats the grid)."""
+    if spec.algorithm.name == "grid":
+        return 1
+    return int(spec.trials or 1) // strata(spec)
 
 
 def trial_overrides(spec: SweepSpec, sampled: dict[str, Any]) -> list[str]:

@@ -173,12 +173,24 @@ def test_seed_is_not_searchable(tmp_path):
 
 
 # --------------------------------------------------------------------------- algorithm, trials
-def test_grid_with_optuna_or_random_is_rejected(tmp_path):
+def test_grid_with_optuna_is_rejected(tmp_path):
     grid = {"globals.NUM_SLOTS": {"grid": [3, 4]}}
     optuna = {"name": "optuna", "seed": 0}
     message = error(write(tmp_path, search=grid, algorithm=optuna))
     assert "grid search is not supported by optuna: use choice, or algorithm grid" in message
-    assert "grid needs algorithm grid" in error(write(tmp_path, search=grid))
+
+
+def test_random_sweep_with_grid_dimensions_is_stratified(tmp_path):
+    """Every value of a grid dimension is tried equally often; the rest is sampled per trial."""
+    dists = {"globals.NUM_SLOTS": {"grid": [1, 3, 5]},
+             "model.losses.loss_ss.temperature": {"loguniform": [0.05, 0.5]}}
+    spec = load_sweep(write(tmp_path, search=dists, trials=6))
+    assert S.strata(spec) == 3 and num_samples(spec) == 2
+    space = S.param_space(spec)
+    assert space["globals.NUM_SLOTS"] == {"grid_search": [1, 3, 5]}
+    message = error(write(tmp_path, search=dists, trials=4))
+    assert "trials=4 but the grid dimensions have 3 points" in message
+    assert S.strata(load_sweep(write(tmp_path, trials=4))) == 1  # no grid dimension
 
 
 def test_grid_algorithm_size_and_trials(tmp_path):
