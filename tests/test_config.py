@@ -116,9 +116,10 @@ def test_every_command_line_of_the_seed_parses_and_loads():
     assert parse_args(build_parser(), commands[2]).continue_from.endswith("step=10000.ckpt")
 
 
-@pytest.mark.parametrize("name", ["tiny.yml", "synthetic.yml", "integrated_saycam.yml"])
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
 def test_every_shipped_yaml_loads_and_builds(name, tmp_path, monkeypatch):
-    assert name in shipped_configs()
+    assert {"tiny.yml", "synthetic.yml", "integrated_saycam.yml", "shapes_cpu.yml"} <= set(
+        shipped_configs())
     overrides = []
     if name == "integrated_saycam.yml":  # no weights here: the real architecture, random weights
         overrides = ["model.encoder.backbone.weights=random", "dataset.img_size=56"]
