@@ -13,3 +13,16 @@ class DataError(SlotsweepError):
 
 class ConfigError(SlotsweepError):
     """A configuration key, value or file that cannot be used."""
+
+
+class NonFiniteLossError(SlotsweepError):
+    """A loss term became NaN or infinite; training stops before the optimizer step (exit 3)."""
+
+    ADVICE = (
+        "reduce the learning rate (optimizer.lr=0.0001), raise gradient clipping "
+        "(trainer.gradient_clip_val=0.1), check the data for invalid values"
+    )
+
+    def __init__(self, step: int, term: str, value: float) -> None:
+        self.step, self.term, self.value = step, term, value
+        super().__init__(f"loss {term} became {value} at step {step}: {self.ADVICE}")

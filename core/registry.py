@@ -58,15 +58,25 @@ class Registry:
         use (``n_heads`` means nothing to the ``Identity`` predictor).
         """
         factory = self.get(name)
-        params = inspect.signature(factory).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        unknown = [k for k in kwargs if k not in params and not takes_any]
+        unknown = self.unknown(name, kwargs)
         if unknown and not strict:
             kwargs = {k: v for k, v in kwargs.items() if k not in unknown}
         elif unknown:
-            valid = [k for k in params if k != "self"]
             raise ConfigError(
                 f"{self.kind} {name} does not take {', '.join(unknown)}; it takes: "
-                f"{', '.join(valid)}"
+                f"{', '.join(self.takes(name))}"
             )
         return factory(**kwargs)
+
+    def takes(self, name: str) -> list[str]:
+        """The keyword arguments ``name``'s constructor takes."""
+        params = inspect.signature(self.get(name)).parameters
+        return [k for k, p in params.items() if k != "self" and p.kind not in (
+            inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+    def unknown(self, name: str, keys: Any) -> list[str]:
+        """The ``keys`` that ``name``'s constructor does not take (none if it takes ``**kw``)."""
+        params = inspect.signature(self.get(name)).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return []
+        return [k for k in keys if k not in params]

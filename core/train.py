@@ -356,7 +356,7 @@ def is_rank_zero() -> bool:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``slotsweep train`` from parsed arguments; prints a summary, returns an exit code."""
-    from core.training.module import NonFiniteLossError
+    from core.errors import NonFiniteLossError
 
     overrides = list(args.overrides)
     if args.use_optimizations:

@@ -183,7 +183,7 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable (plain Lightning inside the trial)."""
     from ray import tune
 
-    from core.training.module import NonFiniteLossError
+    from core.errors import NonFiniteLossError
     from orchestrator import tracking
 
     trial_id = tune.get_context().get_trial_id()

@@ -135,6 +135,26 @@ def test_every_shipped_yaml_loads_and_builds(name, tmp_path, monkeypatch):
     assert out["reconstruction"].shape[-1] == cfg.globals.FEAT_DIM
 
 
+def test_the_loss_table_is_what_the_loss_classes_take():
+    """core.config checks loss blocks without torch, from a table: it must match the classes."""
+    from dataclasses import fields
+
+    from core.config.schema import LOSS_SETTINGS, LossConfig
+    from core.losses import LOSSES
+
+    settings = {f.name for f in fields(LossConfig)} - {"name"}
+    assert set(LOSS_SETTINGS) == set(LOSSES.names)
+    for name, takes in LOSS_SETTINGS.items():
+        assert set(takes) == settings & set(LOSSES.takes(name)), name
+
+
+def test_every_loss_setting_reaches_its_class():
+    cfg = load_config("tiny", ["model.losses.loss_ss.batch_contrast=false",
+                               "losses.loss_ss.temperature=0.25"])
+    loss = build_losses(cfg)["loss_ss"]
+    assert (loss.temperature, loss.batch_contrast) == (0.25, False)
+
+
 def test_yaml_files_hold_only_differences():
     tiny = OmegaConf.load(CONFIG_DIR / "tiny.yml")
     assert "val_metrics" not in tiny and "losses" not in tiny.model
@@ -148,6 +168,14 @@ def test_yaml_files_hold_only_differences():
         (["trainer.precison=16"], r"did you mean trainer.precision\?"),
         (["grouper.n_iters=abc"], r"model.grouper.n_iters .*'abc'"),
         (["globals.NUM_SLOTS=0"], r"globals.NUM_SLOTS must be >= 1, got 0"),
+        (["model.initializer.n_slots=0"], r"^model.initializer.n_slots must be >= 1, got 0$"),
+        # every setting of a loss block reaches its class, or fails naming the key
+        (["model.losses.loss_featrec.temperature=0.5"],
+         r"^model.losses.loss_featrec.temperature: MSELoss takes no temperature \(its settings: "
+         r"none\)$"),
+        (["model.losses.loss_ss.name=MSELos"],
+         r"^model.losses.loss_ss.name='MSELos' is not a loss \(did you mean MSELoss\?\)"),
+        (["model.losses.loss_ss.temprature=0.2"], r"did you mean model.losses.loss_ss.temperature"),
         (["dataset.ep_length=1"], r"dataset.ep_length=1 but loss_ss contrasts consecutive"),
         (["model.loss_weights.loss_sss=1"], r"loss_weights.loss_sss names no loss"),
         (["losses.loss_ss.temperature=0"], r"temperature must be > 0"),

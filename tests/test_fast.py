@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -14,6 +16,7 @@ import torch
 
 from core.config import load_config
 from core.data.feature_cache import DIR_ENV
+from core.errors import NonFiniteLossError
 from core.train import read_checkpoint, train
 from core.training.fast import (
     CompiledStep,
@@ -22,7 +25,7 @@ from core.training.fast import (
     compile_mode,
     is_compile_error,
 )
-from core.training.module import NonFiniteLossError, SlotModule
+from core.training.module import SlotModule
 
 FAST = ["trainer.use_optimizations=true"]
 SYNCS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -335,3 +338,12 @@ def test_cli_divergence_with_use_optimizations_is_exit_3(tmp_path, capsys):
     # first update is step 1's and its loss is the last finite one: nothing saved after step 2
     step_ckpts = sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").glob("step=*.ckpt"))
     assert step_ckpts == ["step=1.ckpt", "step=2.ckpt"]
+
+
+def test_the_fast_step_imports_without_the_module_it_serves():
+    """No import loop: fast.py stands below module.py (its error lives in core.errors)."""
+    code = ("import sys, core.training.fast\n"
+            "assert 'core.training.module' not in sys.modules\n"
+            "from core.errors import NonFiniteLossError as E; import core.training.module as m\n"
+            "assert m.NonFiniteLossError is E and core.training.fast.NonFiniteLossError is E\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -11,9 +11,9 @@ import pytorch_lightning as pl
 import torch
 
 from core.config import load_config
-from core.errors import ConfigError, SlotsweepError
+from core.errors import ConfigError, NonFiniteLossError, SlotsweepError
 from core.train import main, read_checkpoint, train
-from core.training.module import NonFiniteLossError, SlotModule, lr_lambda, param_groups
+from core.training.module import SlotModule, lr_lambda, param_groups
 
 FAST = ["dataset.batch_size=2", "trainer.checkpoint_every=2", "trainer.val_check_interval=2"]
 

@@ -15,7 +15,13 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from core.config.schema import MODEL_KEYS, TOP_LEVEL_KEYS, Config
+from core.config.schema import (
+    LOSS_SETTINGS,
+    MODEL_KEYS,
+    TOP_LEVEL_KEYS,
+    Config,
+    loss_settings,
+)
 from core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -144,7 +150,9 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Impossible values fail here, at load time, not hours into a run."""
     g, m, t, o = cfg.globals, cfg.model, cfg.trainer, cfg.optimizer
-    _require(m.initializer.n_slots >= 1, f"globals.NUM_SLOTS must be >= 1, got {g.NUM_SLOTS}")
+    _require(g.NUM_SLOTS >= 1, f"globals.NUM_SLOTS must be >= 1, got {g.NUM_SLOTS}")
+    _require(m.initializer.n_slots >= 1,  # set on its own, apart from globals.NUM_SLOTS
+             f"model.initializer.n_slots must be >= 1, got {m.initializer.n_slots}")
     for key in ("SLOT_DIM", "FEAT_DIM", "BATCH_SIZE_PER_GPU", "NUM_GPUS"):
         _require(getattr(g, key) >= 1, f"globals.{key} must be >= 1, got {getattr(g, key)}")
     _require(m.grouper.n_iters >= 1, f"model.grouper.n_iters must be >= 1, got {m.grouper.n_iters}")
@@ -190,6 +198,14 @@ def validate(cfg: Config) -> None:
         _require(weight >= 0, f"model.loss_weights.{name} must be >= 0, got {weight}")
     _require(any(w > 0 for w in m.loss_weights.values()), "every model.loss_weights is 0")
     for name, loss in m.losses.items():
+        close = difflib.get_close_matches(loss.name, LOSS_SETTINGS, n=1)
+        _require(loss.name in LOSS_SETTINGS, f"model.losses.{name}.name={loss.name!r} is not a "
+                 "loss" + (f" (did you mean {close[0]}?)" if close else "")
+                 + f"; valid: {', '.join(sorted(LOSS_SETTINGS))}")
+        takes = LOSS_SETTINGS[loss.name]
+        unknown = [k for k in loss_settings(loss) if k not in takes]
+        _require(not unknown, f"model.losses.{name}.{', '.join(unknown)}: {loss.name} takes no "
+                 f"{', '.join(unknown)} (its settings: {', '.join(takes) or 'none'})")
         if loss.temperature is not None:
             _require(loss.temperature > 0,
                      f"model.losses.{name}.temperature must be > 0, got {loss.temperature}")

@@ -5,7 +5,7 @@ every component that needs it, so a sweep over ``globals.NUM_SLOTS`` changes the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import II
@@ -122,6 +122,21 @@ class LossConfig:
     name: str = "MSELoss"
     temperature: float | None = None  # SlotSlotContrastLoss
     batch_contrast: bool | None = None  # SlotSlotContrastLoss: negatives from other videos too
+
+
+# Each loss class (core.losses) by name, with the LossConfig settings it takes, so that a config
+# is checked without importing torch; tests/test_config.py holds this to the constructors.
+LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "MSELoss": (),
+    "FeatureReconstruction": (),
+    "SlotSlotContrastLoss": ("temperature", "batch_contrast"),
+}
+
+
+def loss_settings(loss: LossConfig) -> dict[str, Any]:
+    """The settings a loss block gives its class: every field but ``name`` that is set."""
+    values = {f.name: getattr(loss, f.name) for f in fields(loss) if f.name != "name"}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _default_losses() -> dict[str, LossConfig]:

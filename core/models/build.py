@@ -7,6 +7,7 @@ from torch import nn
 
 import core.losses  # noqa: F401  (registers the losses)
 from core.config import Config
+from core.config.schema import loss_settings
 from core.errors import ConfigError
 from core.losses.base import LOSSES
 from core.models.decoder import DECODERS
@@ -130,10 +131,5 @@ def build_model(cfg: Config, encoder: nn.Module | None = None) -> SlotVideoModel
 
 def build_losses(cfg: Config) -> nn.ModuleDict:
     """``{name: loss module}`` for every loss in ``model.losses``."""
-    losses = {}
-    for name, loss in cfg.model.losses.items():
-        params = {k: getattr(loss, k) for k in ("temperature", "batch_contrast")}
-        losses[name] = LOSSES.build(
-            loss.name, strict=False, **{k: v for k, v in params.items() if v is not None}
-        )
-    return nn.ModuleDict(losses)
+    return nn.ModuleDict({name: LOSSES.build(loss.name, **loss_settings(loss))
+                          for name, loss in cfg.model.losses.items()})

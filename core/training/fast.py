@@ -12,7 +12,7 @@ Three parts, each usable alone:
   is updated with tensor ops only; it is handed to a fused Adam/AdamW as ``found_inf`` (the
   GradScaler mechanism), so every optimizer update after a bad step is skipped on the device.
   :meth:`DeferredFiniteCheck.check` synchronises once and raises
-  :class:`core.training.module.NonFiniteLossError`.
+  :class:`core.errors.NonFiniteLossError`.
 * :class:`FiniteGuard`: the Lightning callback that calls that check every few steps and before
   anything is written (checkpoints, validation, end of training). It must come first in the
   callback list: Lightning calls callback hooks in list order.
@@ -29,6 +29,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+from core.errors import NonFiniteLossError
 
 NO_COMPILE_ENV = "SLOTSWEEP_NO_COMPILE"
 TOTAL_TERM = "total"
@@ -230,12 +232,6 @@ class DeferredFiniteCheck:
             optimizer.found_inf = self.found_inf
         return True
 
-    @staticmethod
-    def detach_from(optimizer: Any) -> None:
-        """Remove a flag given by :meth:`attach` (the optimizer steps normally again)."""
-        if hasattr(optimizer, "found_inf"):
-            del optimizer.found_inf
-
     def is_set(self) -> bool:
         """Whether a non-finite value was recorded (one host sync)."""
         return self.found_inf is not None and bool(self.found_inf.item() != 0.0)
@@ -244,7 +240,6 @@ class DeferredFiniteCheck:
         """The ``NonFiniteLossError`` describing the first bad value, or None (one sync)."""
         if not self.is_set():
             return None
-        from core.training.module import NonFiniteLossError  # module.py imports this file
 
         assert self.step is not None and self.index is not None and self.value is not None
         step, index = int(self.step.item()), int(self.index.item())
@@ -302,7 +297,6 @@ class FiniteGuard(pl.Callback):
             return
         error = finite.error(trainer.global_step)
         if error is None:  # another rank diverged
-            from core.training.module import NonFiniteLossError
 
             error = NonFiniteLossError(trainer.global_step, "(on another rank)", float("nan"))
         raise error

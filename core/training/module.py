@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from core.config import Config
 from core.data.clips import MASKS_KEY, VIDEO_KEY
-from core.errors import SlotsweepError
+from core.errors import NonFiniteLossError, SlotsweepError
 from core.metrics import METRIC_ARI, METRIC_MBO, VideoARI, VideoIoU
 from core.models.build import build_losses, build_model
 from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTION
@@ -36,20 +36,6 @@ def val_metric_key(name: str) -> str:
 
 
 assert val_metric_key("ari") == METRIC_ARI and val_metric_key("mbo") == METRIC_MBO
-
-_ADVICE = (
-    "reduce the learning rate (optimizer.lr=0.0001), raise gradient clipping "
-    "(trainer.gradient_clip_val=0.1), check the data for invalid values"
-)
-
-
-class NonFiniteLossError(SlotsweepError):
-    """A loss term became NaN or infinite; training stops before the optimizer step."""
-
-    def __init__(self, step: int, term: str, value: float) -> None:
-        self.step, self.term, self.value = step, term, value
-        super().__init__(f"loss {term} became {value} at step {step}: {_ADVICE}")
-
 
 def lr_lambda(step: int, warmup: int, decay: str, decay_rate: float, decay_steps: int) -> float:
     """The learning-rate factor at optimizer step ``step`` (0-based), as published.
