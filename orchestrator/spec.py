@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import re
@@ -30,6 +29,7 @@ from core.config import Config, compose, find_config, load_config, to_config
 from core.config.load import CONFIG_DIR, normalize_key, suggest_key
 from core.config.schema import MODEL_KEYS, TOP_LEVEL_KEYS
 from core.errors import ConfigError
+from core.hashing import json_digest
 
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 DEFAULT_STORAGE = Path("runs") / "sweeps"
@@ -574,7 +574,7 @@ def trial_overrides(spec: SweepSpec, sampled: dict[str, Any]) -> list[str]:
 
 def sweep_key(spec: SweepSpec) -> str:
     """A short stable id of this sweep (its name and storage) that survives restarts."""
-    return hashlib.sha256(json.dumps([spec.name, spec.storage]).encode()).hexdigest()[:12]
+    return json_digest([spec.name, spec.storage], 12)
 
 
 def to_dict(spec: SweepSpec) -> dict[str, Any]:

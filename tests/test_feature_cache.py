@@ -274,3 +274,18 @@ def test_a_split_copied_to_a_device_gathers_the_same_rows(tmp_path):
     split.to_device(torch.device("cpu"))
     assert split.device_tensor is not None and split.device_tensor.shape == (24, 16, 32)
     assert torch.equal(split.gather(rows), mapped)
+
+
+def test_names_from_content_are_stable():
+    """The data folder, the cache folder and a sweep's id are the one digest helper's output, and
+    it is the digest earlier releases wrote (caches and sweeps made before keep being found)."""
+    import hashlib
+    import json
+
+    from core.hashing import json_digest
+
+    obj = {"b": [1, 2.5, "x"], "a": None}
+    expected = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    assert json_digest(obj, 16) == expected[:16] and json_digest(obj, 64) == expected
+    assert json_digest(["shapes", "/runs"], 12) == hashlib.sha256(
+        json.dumps(["shapes", "/runs"]).encode()).hexdigest()[:12]

@@ -7,10 +7,11 @@ count, every shard's rows, bytes and blake2b digest. The key is a digest of ever
 determines the features: backbone name, weights hash, layer, image size, resize mode, mean/std,
 storage dtype and the frame files of each split (path and byte size).
 
-Builders hold ``<root>/<name>.lock`` (``flock``), write into a temporary sibling folder and rename
-it into place, so concurrent trials never see a partial cache and never build one twice. Readers
-check every shard (size, Arrow schema, rows; digests once per shard change, remembered in
-``verified.json``); a cache that fails any check is moved away and rebuilt, never read.
+Builders hold ``<root>/<name>.lock`` (a ``filelock.FileLock``), write into a temporary sibling
+folder and rename it into place, so concurrent trials never see a partial cache and never build
+one twice. Readers check every shard (size, Arrow schema, rows; digests once per shard change,
+remembered in ``verified.json``); a cache that fails any check is moved away and rebuilt, never
+read.
 Shards are memory-mapped; a split that fits in GPU memory is copied there once and batches are
 gathered on the device.
 """
@@ -18,7 +19,6 @@ gathered on the device.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,16 +27,18 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from core.data.config import FeatureCacheConfig
 from core.errors import SlotsweepError
+from core.hashing import json_digest
 
 FORMAT = "slotsweep.features/v1"
 DIR_ENV = "SLOTSWEEP_FEATURE_CACHE"
@@ -109,7 +111,7 @@ def key_inputs(encoder: Any, dataset: Any, splits: dict[str, Sequence[Any]], dty
 
 
 def folder_name(inputs: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_digest(inputs, 16)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in inputs["backbone"])
     return f"{name}-{inputs['img_size']}px-{digest}"
 
@@ -308,15 +310,11 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> FileLock:
+    """An exclusive lock on ``path`` between processes (and threads), waiting as long as it takes:
+    a second builder of the same cache waits for the first, then finds the cache built."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 class _Frames(torch.utils.data.Dataset):

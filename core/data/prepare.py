@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 from core.data import layout
 from core.data.config import DatasetConfig, SyntheticDataConfig
 from core.errors import ConfigError
+from core.hashing import json_digest
 
 CACHE_ENV = "SLOTSWEEP_CACHE"
 
@@ -24,8 +24,7 @@ def cache_root() -> Path:
 
 def synthetic_dir(spec: SyntheticDataConfig) -> Path:
     """The cache folder of one generated dataset, named after everything that determines it."""
-    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / "data" / f"synthetic-{spec.size}px-{digest}"
+    return cache_root() / "data" / f"synthetic-{spec.size}px-{json_digest(asdict(spec), 12)}"
 
 
 def _complete(root: Path) -> bool:
