@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-METRIC_ARI = "val/ari"
-METRIC_MBO = "val/mbo"
+from core.names import METRIC_ARI, METRIC_MBO
+
 MATCHINGS = ("overlap", "hungarian")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from core.errors import ConfigError
+from core.names import RESOLVED_CONFIG_NAME, VISUALS_DIRNAME
 
 
 def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
@@ -30,7 +31,7 @@ def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
     if CONFIG_KEY not in ckpt:
         raise ConfigError(f"checkpoint {checkpoint} carries no config: not written by slotsweep")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
+        path = Path(tmp) / RESOLVED_CONFIG_NAME
         path.write_text(ckpt[CONFIG_KEY])
         cfg = load_config(path)
     module = SlotModule(cfg)
@@ -103,7 +104,7 @@ def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
     cfg, module = load_trained(checkpoint)
     _, loader, (mean, std) = _clips(cfg, data_dir, split, clips)
     ckpt = Path(checkpoint)
-    output = Path(output_dir) if output_dir else ckpt.parent.parent / "visualizations" / ckpt.stem
+    output = Path(output_dir) if output_dir else ckpt.parent.parent / VISUALS_DIRNAME / ckpt.stem
     output.mkdir(parents=True, exist_ok=True)
     batch = next(iter(loader))
     with torch.no_grad():

@@ -26,10 +26,9 @@ import torch
 from core.config import RESOLVED_CONFIG_NAME, Config, load_config, save_config
 from core.config.load import PRECISIONS
 from core.errors import ConfigError, SlotsweepError
+from core.names import BEST_CHECKPOINT, CHECKPOINTS_DIRNAME, METRIC_ARI, METRIC_MBO
 
-CHECKPOINTS_DIRNAME = "checkpoints"
-BEST_CHECKPOINT = "best"
-SELECT_METRIC = "val/ari"
+SELECT_METRIC = METRIC_ARI  # the default selection: best.ckpt is the best val FG-ARI
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 # Sections whose change means "a new stage" on --continue (fresh optimizer) rather than a resume.
@@ -193,7 +192,7 @@ def train(
     continue_from: str | Path | None = None,
     run_dir: str | Path | None = None,
     progress_bar: bool | None = None,
-    select: tuple[str, str, str | None] = (SELECT_METRIC, "max", "val/mbo"),
+    select: tuple[str, str, str | None] = (SELECT_METRIC, "max", METRIC_MBO),
     trainer_kwargs: dict[str, Any] | None = None,
     trainer_hook: Any = None,
     extend_steps: bool = True,

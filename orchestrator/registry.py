@@ -15,6 +15,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError
+from core.names import BEST_JSON, CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME
 from core.training.callbacks import checkpoint_path
 from orchestrator import tracking
 
@@ -54,10 +55,10 @@ def find_sweep(sweep: str | Path) -> tuple[Path, dict[str, Any]]:
     """``best.json`` of a sweep given by name, folder or file, and its contents."""
     from orchestrator.spec import DEFAULT_STORAGE
 
-    candidates = [Path(sweep), Path(sweep) / "best.json",
-                  DEFAULT_STORAGE / str(sweep) / "best.json"]
+    candidates = [Path(sweep), Path(sweep) / BEST_JSON,
+                  DEFAULT_STORAGE / str(sweep) / BEST_JSON]
     for path in candidates:
-        if path.is_file() and path.name == "best.json":
+        if path.is_file() and path.name == BEST_JSON:
             return path.resolve(), json.loads(path.read_text())
     raise SlotsweepError(f"no sweep {sweep}: no best.json there or under {DEFAULT_STORAGE}/{sweep} "
                          "(pass the sweep's folder, e.g. runs/sweeps/NAME, after it finished)")
@@ -114,7 +115,7 @@ def choose(record: dict[str, Any], client: Any, metric: str | None, mode: str | 
         raise SlotsweepError(f"no trial of sweep {record['sweep']} logged {metric}")
     sign = 1 if mode == "max" else -1
     trial, step, value = max(found, key=lambda f: sign * f[2])
-    checkpoint = checkpoint_path(Path(trial["run_dir"]) / "checkpoints", step)
+    checkpoint = checkpoint_path(Path(trial["run_dir"]) / CHECKPOINTS_DIRNAME, step)
     if not checkpoint.is_file():
         raise SlotsweepError(f"trial {trial['trial_id']} has its best {metric} at step {step} but "
                              f"no checkpoint of that step ({checkpoint})")
@@ -128,7 +129,7 @@ def full_state(run_dir: str | Path, checkpoint: str | Path) -> tuple[Any, dict]:
     from core.train import load_into
     from core.training.module import SlotModule
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = load_config(Path(run_dir) / RESOLVED_CONFIG_NAME)
     module = SlotModule(cfg)
     load_into(module, checkpoint)
     return cfg, module.model.state_dict()
@@ -162,7 +163,7 @@ def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",
         name = name or record["sweep"]
         cfg, state = full_state(chosen["run_dir"], chosen["checkpoint"])
         with tempfile.TemporaryDirectory() as tmp:
-            weights, config = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
+            weights, config = Path(tmp) / "weights.pt", Path(tmp) / RESOLVED_CONFIG_NAME
             torch.save(state, weights)
             config.write_text(config_to_yaml(cfg))
             mlflow.set_tracking_uri(uri)

@@ -16,11 +16,12 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError
+from core.names import METRIC_ARI, METRIC_MBO, TAG_THREADS, TRAIN_LOSS
 from orchestrator import tracking
 from orchestrator.registry import open_store
 
 RERUN_DIR = Path("runs") / "reruns"
-COMPARED = ("train/loss", "val/ari", "val/mbo")
+COMPARED = (TRAIN_LOSS, METRIC_ARI, METRIC_MBO)
 
 
 def _get_run(client: Any, run_id: str, uri: str) -> Any:
@@ -81,7 +82,7 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
         params = parent.data.params if parent else {}
         data_dir = params.get("data_dir") if params.get("data_dir") not in (None, "None") else None
         tie = params.get("select.tie_break")
-        select = (params.get("select.metric", "val/ari"), params.get("select.mode", "max"),
+        select = (params.get("select.metric", METRIC_ARI), params.get("select.mode", "max"),
                   None if tie in (None, "", "None") else tie)
         new = client.create_run(
             original.info.experiment_id,
@@ -89,7 +90,7 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
             tags={tracking.TAG_RERUN_OF: run_id, tracking.TAG_KIND: "rerun",
                   **({"overrides": " ".join(overrides)} if overrides else {})},
         ).info.run_id
-        threads = original.data.tags.get("slotsweep.torch_threads")
+        threads = original.data.tags.get(TAG_THREADS)
         if threads:  # float sums on a CPU depend on the number of threads
             import torch
 

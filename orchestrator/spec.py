@@ -30,6 +30,7 @@ from core.config.load import CONFIG_DIR, normalize_key, suggest_key
 from core.config.schema import MODEL_KEYS, TOP_LEVEL_KEYS
 from core.errors import ConfigError
 from core.hashing import json_digest
+from core.names import METRIC_ARI, TRAIN_LOSS, VAL_LOSS
 
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 DEFAULT_STORAGE = Path("runs") / "sweeps"
@@ -39,7 +40,6 @@ RANGES = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3, "qlogunifo
 DISTRIBUTIONS = ("choice", "grid", *RANGES)
 FLOAT_RANGES = ("uniform", "loguniform", "quniform", "qloguniform")
 # The names core.training.module logs (mirrored: importing it costs torch; a test pins them).
-TRAIN_LOSS, VAL_LOSS = "train/loss", "val/loss"
 STEP = "step"  # reported by every trial; ASHA's time_attr (training steps)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -90,7 +90,7 @@ class ResourcesSpec:
 
 @dataclass
 class SelectSpec:
-    metric: str = "val/ari"
+    metric: str = METRIC_ARI
     mode: str = "max"
     tie_break: str | None = None
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.errors import SlotsweepError
+from core.names import TAG_SWEEP
 from orchestrator import spec as specs
 from orchestrator import tracking
 
@@ -282,7 +283,7 @@ def submit(sweep_file: str | Path, address: str | None, overrides: Sequence[str]
         with _quiet_ray():
             job_id = client.submit_job(entrypoint=entrypoint(sweep_path, overrides),
                                        runtime_env=runtime_env,
-                                       metadata={"slotsweep.sweep": spec.name})
+                                       metadata={TAG_SWEEP: spec.name})
     except Exception as exc:
         from ray.exceptions import AuthenticationError
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.errors import ConfigError
+from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, CHECKPOINTS_DIRNAME, METRIC_ARI, METRIC_MBO
 from core.training.callbacks import selection_key
 from orchestrator import spec as specs
 from orchestrator import tracking
@@ -40,7 +41,6 @@ from orchestrator.trial import (
     trial_dirname,
 )
 
-BEST_JSON = "best.json"
 SPEC_YAML = "sweep.yaml"
 mlflow_root = tracking.mlflow_root
 
@@ -204,8 +204,8 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
                 continue
             if best is None or _key(spec, row) > _key(spec, best):
                 best = row
-    checkpoint = run_dir / "checkpoints" / "best.ckpt"
-    wanted = (spec.select.metric, spec.select.tie_break, "val/ari", "val/mbo")
+    checkpoint = run_dir / CHECKPOINTS_DIRNAME / BEST_CHECKPOINT_FILE
+    wanted = (spec.select.metric, spec.select.tie_break, METRIC_ARI, METRIC_MBO)
     metric_keys = [m for m in wanted if m]
     return {
         "trial_id": trial_id,
@@ -250,7 +250,7 @@ def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dic
                   stream: TextIO) -> None:
     keys = list(spec.search)
     metrics = list(dict.fromkeys(m for m in (spec.select.metric, spec.select.tie_break,
-                                             "val/ari", "val/mbo") if m))
+                                             METRIC_ARI, METRIC_MBO) if m))
     headers = ["trial", "state", "step", *map(short_key, keys), *metrics, "checkpoint",
                "mlflow run"]
     rows = []

@@ -31,17 +31,24 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
 from core.errors import SlotsweepError
+from core.names import (  # noqa: F401  (the TAG_ names: tracking.TAG_* for its callers)
+    BEST_CHECKPOINT_FILE,
+    CHECKPOINTS_DIRNAME,
+    MLFLOW_DIR_ENV,
+    RESOLVED_CONFIG_NAME,
+    TAG_FEATURE_CACHE,
+    TAG_GIT,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_RERUN_OF,
+    TAG_SWEEP,
+    TAG_SWEEP_KEY,
+    TAG_TRIAL,
+    VISUALS_DIRNAME,
+)
 from core.training.callbacks import METRICS_KEY
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"  # the embedded store's folder (default ./runs/mlflow)
-TAG_SWEEP = "slotsweep.sweep"
-TAG_SWEEP_KEY = "slotsweep.sweep_key"
-TAG_TRIAL = "trial_id"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_RERUN_OF = "rerun_of"
-TAG_GIT = "mlflow.source.git.commit"
-TAG_KIND = "slotsweep.kind"
 ARTIFACT_CONFIG = "config"
 ARTIFACT_VISUALS = "visualizations"
 ARTIFACT_CHECKPOINT = "checkpoints"
@@ -411,7 +418,7 @@ def _short_http_retries() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-FEATURE_CACHE_TAG = "slotsweep.feature_cache"  # the cache folder a trial read, or "none"
+FEATURE_CACHE_TAG = TAG_FEATURE_CACHE
 
 
 class TrialLogger(pl.Callback):
@@ -535,10 +542,11 @@ class TrialLogger(pl.Callback):
                 return
             self._listed = True
             self._uploaded.update({info.path: (0, -1) for info in listed})
-        files = [(run_dir / "config.yaml", ARTIFACT_CONFIG)]
-        files += [(p, ARTIFACT_VISUALS) for p in sorted((run_dir / "visualizations").glob("*.png"))]
+        files = [(run_dir / RESOLVED_CONFIG_NAME, ARTIFACT_CONFIG)]
+        files += [(p, ARTIFACT_VISUALS) for p in sorted((run_dir / VISUALS_DIRNAME).glob("*.png"))]
         if checkpoint:
-            files.append((run_dir / "checkpoints" / "best.ckpt", ARTIFACT_CHECKPOINT))
+            best = run_dir / CHECKPOINTS_DIRNAME / BEST_CHECKPOINT_FILE
+            files.append((best, ARTIFACT_CHECKPOINT))
         for path, folder in files:
             key = f"{folder}/{path.name}"
             if not path.is_file() or (folder == ARTIFACT_VISUALS and key in self._uploaded):

@@ -19,16 +19,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from core.names import (
+    BEST_JSON,
+    CHECKPOINTS_DIRNAME,
+    FAULT_ENV,
+    LAST_CHECKPOINT,
+    TAG_SEED,
+    TAG_THREADS,
+)
 from core.training.callbacks import step_of
 
 RUN_DIRNAME = "trials"
-LAST_CHECKPOINT = "last.ckpt"
-THREADS_TAG = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend on it
 DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep never retrains it
 STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
 ERROR_KEY = "slotsweep_error"
-# Testing aid: "raise:<trial index>:<step>" and/or "nan:<trial index>:<step>", comma-separated.
-FAULT_ENV = "SLOTSWEEP_INJECT_FAULT"
+# FAULT_ENV (a testing aid): "raise:<trial index>:<step>" and/or "nan:<trial index>:<step>",
+# comma-separated.
 
 
 @dataclass
@@ -80,9 +86,9 @@ class TuneReporter(pl.Callback):
         with tempfile.TemporaryDirectory(prefix="slotsweep-ckpt-") as tmp:
             path = Path(tmp) / LAST_CHECKPOINT
             trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes
-            best = self.run_dir / "best.json"
+            best = self.run_dir / BEST_JSON
             if best.is_file():
-                shutil.copy(best, Path(tmp) / "best.json")
+                shutil.copy(best, Path(tmp) / BEST_JSON)
             self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
 
 
@@ -135,7 +141,7 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
         run_id = tracking.get_or_create_trial_run(
             client, ctx.experiment_id, ctx.parent_run_id, trial_id,
             run_name=f"{ctx.spec.name}-{index:03d}",
-            tags={"slotsweep.seed": str(cfg.seed), THREADS_TAG: str(torch.get_num_threads())},
+            tags={TAG_SEED: str(cfg.seed), TAG_THREADS: str(torch.get_num_threads())},
         )
         params = {**flatten(cfg), **{f"sampled.{k}": v for k, v in sampled.items()}}
         callbacks.append(tracking.TrialLogger(ctx.tracking_uri, run_id, params=params))
@@ -171,7 +177,7 @@ def _newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
         with checkpoint.as_directory() as d:
             shutil.copy(Path(d) / LAST_CHECKPOINT, local / LAST_CHECKPOINT)
         candidates.append((_step(local / LAST_CHECKPOINT), local / LAST_CHECKPOINT))
-    for path in (run_dir / "checkpoints").glob("step=*.ckpt"):
+    for path in (run_dir / CHECKPOINTS_DIRNAME).glob("step=*.ckpt"):
         try:
             candidates.append((step_of(path), path))
         except ValueError:

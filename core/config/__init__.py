@@ -1,7 +1,6 @@
 """Typed run configuration: schema defaults + YAML differences + ``key=value`` overrides."""
 
 from core.config.load import (
-    RESOLVED_CONFIG_NAME,
     compose,
     config_to_yaml,
     find_config,
@@ -13,6 +12,7 @@ from core.config.load import (
     validate,
 )
 from core.config.schema import Config
+from core.names import RESOLVED_CONFIG_NAME
 
 __all__ = [
     "RESOLVED_CONFIG_NAME",

@@ -19,13 +19,11 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 from core.data.records import VideoRecord
 from core.errors import DataError
+from core.names import FEATURES_KEY, MASKS_KEY, VIDEO_KEY
 
-VIDEO_KEY = "video"
-MASKS_KEY = "masks"
 INDEX_KEY = "video_index"
 START_KEY = "start"
 ROWS_KEY = "rows"
-FEATURES_KEY = "features"  # core.models.video.FEATURES: precomputed backbone features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

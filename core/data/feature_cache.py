@@ -39,9 +39,10 @@ from filelock import FileLock
 from core.data.config import FeatureCacheConfig
 from core.errors import SlotsweepError
 from core.hashing import json_digest
+from core.names import FEATURE_CACHE_ENV
 
 FORMAT = "slotsweep.features/v1"
-DIR_ENV = "SLOTSWEEP_FEATURE_CACHE"
+DIR_ENV = FEATURE_CACHE_ENV
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"
 COLUMN = "features"

@@ -13,8 +13,7 @@ from core.data import layout
 from core.data.config import DatasetConfig, SyntheticDataConfig
 from core.errors import ConfigError
 from core.hashing import json_digest
-
-CACHE_ENV = "SLOTSWEEP_CACHE"
+from core.names import CACHE_ENV
 
 
 def cache_root() -> Path:

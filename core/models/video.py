@@ -8,10 +8,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from core.names import FEATURES_KEY, VIDEO_KEY
+
 # Batch keys (inputs).
-VIDEO = "video"  # (B, T, 3, H, W)
+VIDEO = VIDEO_KEY  # (B, T, 3, H, W)
 # Output keys (FEATURES is also the input key for precomputed features).
-FEATURES = "features"  # (B, T, P, F) encoder output, detached
+FEATURES = FEATURES_KEY  # (B, T, P, F) encoder output, detached
 SLOTS = "slots"  # (B, T, K, D) slot-attention output
 PREDICTED_SLOTS = "predicted_slots"  # (B, T, K, D) initial slots of each frame
 ATTN_MASKS = "attn_masks"  # (B, T, K, P) slot-attention masks (sum to 1 over K)

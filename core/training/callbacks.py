@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.config import Config, config_to_yaml
+from core.names import BEST_JSON, VISUALS_DIRNAME
 
 CONFIG_KEY = "slotsweep_config"  # the resolved config (YAML text) inside every checkpoint
 METRICS_KEY = "slotsweep_metrics"  # {"step": N, "metrics": {...}}: what was logged at step N
-VISUALS_DIRNAME = "visualizations"
 _PALETTE = torch.tensor([
     [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
@@ -159,7 +159,6 @@ class RunStateCallback(pl.Callback):
             random.setstate((version, tuple(internal), gauss_next))
 
 
-BEST_JSON = "best.json"
 
 
 def selection_key(metrics: dict[str, Any], metric: str, mode: str,

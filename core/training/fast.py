@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from core.errors import NonFiniteLossError
+from core.names import NO_COMPILE_ENV
 
-NO_COMPILE_ENV = "SLOTSWEEP_NO_COMPILE"
 TOTAL_TERM = "total"
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 _COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx")

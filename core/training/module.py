@@ -16,11 +16,9 @@ from core.errors import NonFiniteLossError, SlotsweepError
 from core.metrics import METRIC_ARI, METRIC_MBO, VideoARI, VideoIoU
 from core.models.build import build_losses, build_model
 from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTION
+from core.names import TRAIN_LOSS, TRAIN_LR, VAL_LOSS
 from core.training.fast import TOTAL_TERM, CompiledStep, DeferredFiniteCheck
 
-TRAIN_LOSS = "train/loss"
-VAL_LOSS = "val/loss"
-TRAIN_LR = "train/lr"
 ENCODER_PREFIX = "model.encoder."
 ENCODER_INFO = "slotsweep_encoder"
 

@@ -1,0 +1,49 @@
+"""Every name shared between files, defined once (no torch, no Ray, no MLflow: anyone imports it).
+
+Metric names are what training logs and what sweeps select by; batch keys are what the data
+yields and the model reads; run-folder names are the files a training run leaves and the
+orchestrator, the registry and the tools read back; environment variables are what a user or a
+test may set.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- metrics (TensorBoard, MLflow)
+METRIC_ARI = "val/ari"  # video FG-ARI on the validation clips
+METRIC_MBO = "val/mbo"  # video mBO on the validation clips
+VAL_LOSS = "val/loss"
+TRAIN_LOSS = "train/loss"  # the weighted total; each term as train/loss/<name without loss_>
+TRAIN_LR = "train/lr"
+
+# ---------------------------------------------------------------- batch keys
+VIDEO_KEY = "video"  # (B, T, 3, H, W) normalised frames
+MASKS_KEY = "masks"  # (B, T, H, W) instance ids, 0 = background
+FEATURES_KEY = "features"  # (B, T, P, F) backbone features: precomputed input and model output
+
+# ---------------------------------------------------------------- a run folder
+RESOLVED_CONFIG_NAME = "config.yaml"  # the resolved config of the run
+CHECKPOINTS_DIRNAME = "checkpoints"  # step=N.ckpt, best.ckpt
+BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best step by the selection metric
+BEST_CHECKPOINT_FILE = f"{BEST_CHECKPOINT}.ckpt"
+BEST_JSON = "best.json"  # the best step's metrics (a run's, or a sweep's best trial)
+LAST_CHECKPOINT = "last.ckpt"  # a trial's newest checkpoint, handed to Ray Tune
+VISUALS_DIRNAME = "visualizations"  # slot pictures, visualizations/step=N.png
+
+# ---------------------------------------------------------------- MLflow tags (orchestrator)
+TAG_SWEEP = "slotsweep.sweep"  # a run's sweep name
+TAG_SWEEP_KEY = "slotsweep.sweep_key"  # the sweep's id (name and storage)
+TAG_TRIAL = "trial_id"  # a trial run's Tune trial id: found again on retry and resume
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: the sweep's parent run
+TAG_RERUN_OF = "rerun_of"  # a rerun's original run id
+TAG_GIT = "mlflow.source.git.commit"  # MLflow's own
+TAG_KIND = "slotsweep.kind"  # sweep | trial | rerun
+TAG_SEED = "slotsweep.seed"  # a trial's seed
+TAG_THREADS = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend on it
+TAG_FEATURE_CACHE = "slotsweep.feature_cache"  # the cache folder a trial read, or "none"
+
+# ---------------------------------------------------------------- environment variables
+CACHE_ENV = "SLOTSWEEP_CACHE"  # root of generated data and feature caches (~/.cache/slotsweep)
+FEATURE_CACHE_ENV = "SLOTSWEEP_FEATURE_CACHE"  # the feature caches' folder alone
+NO_COMPILE_ENV = "SLOTSWEEP_NO_COMPILE"  # 1: the fast step stays eager (no torch.compile)
+MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"  # the embedded MLflow store (default ./runs/mlflow)
+FAULT_ENV = "SLOTSWEEP_INJECT_FAULT"  # tests: make a trial fail on purpose
