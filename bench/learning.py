@@ -1,8 +1,8 @@
 """Does the model learn objects? Validation FG-ARI / mBO of a trained slotsweep model beside the
 untrained model and three segmentations that learn nothing, on generated moving shapes.
 
-    python bench/learning.py                    # shapes_cpu on a 2-core CPU (about 15 minutes)
-    python bench/learning.py --steps 600        # shorter (the slow test runs this)
+    python bench/learning.py                    # shapes_cpu on a 2-core CPU (about 8 minutes)
+    python bench/learning.py --steps 1500       # shorter (the slow test runs this, ~5 minutes)
     python bench/learning.py --gpu              # the seed's size: 224 px, ViT-B/14, B=16, T=8,
                                                 # K=7, trained for --minutes (default 5)
 

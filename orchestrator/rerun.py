@@ -16,7 +16,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError
-from core.names import METRIC_ARI, METRIC_MBO, TAG_THREADS, TRAIN_LOSS
+from core.names import METRIC_ARI, METRIC_MBO, TAG_RERUN_OF, TAG_THREADS, TRAIN_LOSS
 from orchestrator import tracking
 from orchestrator.registry import open_store
 
@@ -87,7 +87,7 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
         new = client.create_run(
             original.info.experiment_id,
             run_name=f"rerun-of-{original.info.run_name or run_id[:8]}",
-            tags={tracking.TAG_RERUN_OF: run_id, tracking.TAG_KIND: "rerun",
+            tags={TAG_RERUN_OF: run_id, tracking.TAG_KIND: "rerun",
                   **({"overrides": " ".join(overrides)} if overrides else {})},
         ).info.run_id
         threads = original.data.tags.get(TAG_THREADS)

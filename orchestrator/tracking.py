@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
 from core.errors import SlotsweepError
-from core.names import (  # noqa: F401  (the TAG_ names: tracking.TAG_* for its callers)
+from core.names import (
     BEST_CHECKPOINT_FILE,
     CHECKPOINTS_DIRNAME,
     MLFLOW_DIR_ENV,
@@ -40,7 +40,6 @@ from core.names import (  # noqa: F401  (the TAG_ names: tracking.TAG_* for its 
     TAG_GIT,
     TAG_KIND,
     TAG_PARENT,
-    TAG_RERUN_OF,
     TAG_SWEEP,
     TAG_SWEEP_KEY,
     TAG_TRIAL,

@@ -1,5 +1,5 @@
 """The model learns objects: a short bench/learning.py run on the shapes_cpu config (slow: CI runs
-it with ``make test-slow``; about 7 minutes on 2 cores).
+it with ``make test-slow``; about 5 minutes on 2 cores).
 
 Measured on the 2-core CI machine (bench/RESULTS.md): untrained 0.005, step 1,000 0.22, step 1,500
 0.35 (the learning curve is steep there, so the test trains 1,500 steps and asks for +0.25)."""

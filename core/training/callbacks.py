@@ -159,8 +159,6 @@ class RunStateCallback(pl.Callback):
             random.setstate((version, tuple(internal), gauss_next))
 
 
-
-
 def selection_key(metrics: dict[str, Any], metric: str, mode: str,
                   tie_break: str | None = None) -> tuple[float, float]:
     """Sort key of a set of metrics under a selection rule: larger is better. ``mode`` max or

@@ -240,7 +240,6 @@ class DeferredFiniteCheck:
         """The ``NonFiniteLossError`` describing the first bad value, or None (one sync)."""
         if not self.is_set():
             return None
-
         assert self.step is not None and self.index is not None and self.value is not None
         step, index = int(self.step.item()), int(self.index.item())
         return NonFiniteLossError(step if step >= 0 else default_step, self.names[index],
@@ -297,7 +296,6 @@ class FiniteGuard(pl.Callback):
             return
         error = finite.error(trainer.global_step)
         if error is None:  # another rank diverged
-
             error = NonFiniteLossError(trainer.global_step, "(on another rank)", float("nan"))
         raise error
 
