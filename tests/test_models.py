@@ -186,7 +186,7 @@ def test_video_model_iterations(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_video_model_gradients(init: str) -> None:
     model = make_model(PatchEncoder(), init=init)
     out = model({"video": torch.randn(B, T, 3, 16, 16)})
-    loss = FeatureReconstructionLoss()(out) + 0.5 * SlotSlotContrastLoss()(out)
+    loss = FeatureReconstructionLoss()(out) + 0.5 * SlotSlotContrastLoss(temperature=0.1)(out)
     loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     for part in ("projection", "initializer", "grouper", "predictor", "decoder"):
@@ -226,7 +226,7 @@ def test_overfit_one_batch() -> None:
     model = make_model()
     model.decoder = MLPDecoder(D, FD, hidden_dims=(64, 64), n_patches=P)
     feats = torch.randn(4, T, P, FD)
-    featrec, ss = FeatureReconstructionLoss(), SlotSlotContrastLoss()
+    featrec, ss = FeatureReconstructionLoss(), SlotSlotContrastLoss(temperature=0.1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
     for _ in range(150):

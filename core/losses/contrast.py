@@ -25,18 +25,17 @@ class SlotSlotContrastLoss(nn.Module):
     The loss is the mean over the (T-1) * B * K anchors (= the mean over the T-1 pairs).
 
     Args:
-        temperature: tau.
+        temperature: tau (> 0; the config's validation rejects other values before any model is
+            built, and the default, 0.1, lives in the config schema alone).
         batch_contrast: negatives from every video in the batch (True, the paper's setting) or
             only from the anchor's own video (other videos' logits are masked with -inf).
         key: output key holding the slot-attention slots (B, T, K, D).
     """
 
     def __init__(
-        self, temperature: float = 0.1, batch_contrast: bool = True, key: str = SLOTS
+        self, temperature: float, batch_contrast: bool = True, key: str = SLOTS
     ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature, self.batch_contrast, self.key = temperature, batch_contrast, key
 
     def forward(self, outputs: dict[str, Any]) -> torch.Tensor:
