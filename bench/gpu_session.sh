@@ -15,8 +15,8 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-# issue 6: clips/s and peak memory, modes (a)-(d), the seed's defaults (B=16 T=8 K=7 224 px)
+# issue 6: clips/s and peak memory, modes (a)-(d), integrated_saycam's defaults (B=16 T=8 K=7 224 px)
 timeout 420 python3 bench/throughput.py integrated_saycam --gpu 2>&1 | tee "$OUT/throughput.txt"
-# issue 3: a real `slotsweep train` run of the seed's model, 200 steps, plain and optimized
+# issue 3: a real `slotsweep train` run of integrated_saycam's model, 200 steps, plain and optimized
 timeout 150 python3 bench/train_speed.py integrated_saycam --steps 200 \
     model.encoder.backbone.weights=random 2>&1 | tail -20 | tee "$OUT/train_speed.txt"

@@ -3,7 +3,7 @@ untrained model and three segmentations that learn nothing, on generated moving 
 
     python bench/learning.py                    # shapes_cpu on a 2-core CPU (about 8 minutes)
     python bench/learning.py --steps 1500       # shorter (the slow test runs this, ~5 minutes)
-    python bench/learning.py --gpu              # the seed's size: 224 px, ViT-B/14, B=16, T=8,
+    python bench/learning.py --gpu              # the recipe's size: 224 px, ViT-B/14, B=16, T=8,
                                                 # K=7, trained for --minutes (default 5)
 
 Rows of the table, all scored by the same video FG-ARI / mBO on the same validation clips, with
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 CPU_CONFIG = "shapes_cpu"
 GPU_CONFIG = "integrated_saycam"
-# The seed's model at its size on generated data: random ViT-B/14 weights (nothing can be
+# The recipe's model at its size on generated data: random ViT-B/14 weights (nothing can be
 # downloaded) with the sine-cosine position embedding a trained ViT's features would carry.
 GPU_OVERRIDES = [
     "model.encoder.backbone.weights=random",
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--config", default=None,
                         help=f"default {CPU_CONFIG} ({GPU_CONFIG} with --gpu)")
     parser.add_argument("--gpu", action="store_true",
-                        help="the seed's size on one GPU, trained for --minutes")
+                        help="integrated_saycam's size on one GPU, trained for --minutes")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the config's trainer.max_steps)")
     parser.add_argument("--minutes", type=float, default=None,

@@ -1,9 +1,9 @@
 """Training throughput (clips/s) and peak memory of four ways to run the same training step.
 
     python bench/throughput.py tiny                       # CPU smoke mode (CI runs it)
-    python bench/throughput.py integrated_saycam --gpu    # the seed's defaults on one GPU
+    python bench/throughput.py integrated_saycam --gpu    # integrated_saycam's defaults on one GPU
 
-  (a) ViT in the loop, plain       the seed's step as configured (precision from the config)
+  (a) ViT in the loop, plain       the recipe's step as configured (precision from the config)
   (b) cached features, plain       frames replaced by rows of the feature cache
   (c) cached features, optimized   + --use-optimizations (TF32, bf16, compiled step, CUDA graphs)
   (d) ViT in the loop, optimized   --use-optimizations with the backbone in the step
@@ -37,7 +37,7 @@ MODES = {
     "c": ("cached features, optimized", True, True),
     "d": ("ViT in the loop, optimized", False, True),
 }
-TARGETS = {"c": 1500.0, "d": 550.0}  # clips/s on one H100 at the seed's defaults (issue 6)
+TARGETS = {"c": 1500.0, "d": 550.0}  # clips/s on one H100 at integrated_saycam's defaults
 RESULT = "RESULT "
 
 

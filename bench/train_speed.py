@@ -1,6 +1,6 @@
 """Training speed and learning of real `slotsweep train` runs: clips/s, peak memory, FG-ARI.
 
-    # the seed's model (random backbone weights) on generated 224 px data, 200 steps (GPU)
+    # integrated_saycam's model (random backbone weights) on generated 224 px data, 200 steps (GPU)
     python bench/train_speed.py integrated_saycam --steps 200 model.encoder.backbone.weights=random
     # FG-ARI reached by the synthetic config after 10 minutes of training (GPU)
     python bench/train_speed.py synthetic --minutes 10
@@ -79,7 +79,7 @@ def main() -> None:
     overrides = list(args.overrides)
     base = load_config(args.config, overrides)
     size = args.data_size or base.dataset.img_size
-    if base.dataset.synthetic is None:  # the seed's config reads SAYCam: use generated videos
+    if base.dataset.synthetic is None:  # integrated_saycam reads SAYCam: use generated videos
         overrides += [f"dataset.synthetic={{videos: 256, frames: {base.dataset.ep_length * 2}, "
                       f"size: {size}, seed: 0}}", "dataset.json_dir=null", "dataset.img_dir=null"]
     if args.minutes is None:

@@ -1,10 +1,8 @@
-"""Config: schema defaults = the seed's, YAML differences, overrides, shorthand, errors."""
+"""Config: schema defaults = the recipe's, YAML differences, overrides, shorthand, errors."""
 
 from __future__ import annotations
 
-import re
 import shlex
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +14,8 @@ from core.errors import ConfigError
 from core.models.build import build_losses, build_model
 from core.train import build_parser, parse_args
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "integrated-model-training.md"
 
-
-def test_defaults_are_the_seeds():
+def test_defaults_are_the_recipes():
     cfg = load_config("integrated_saycam")
     g, m = cfg.globals, cfg.model
     assert (g.NUM_SLOTS, g.SLOT_DIM, g.SAYCAM_MODEL, g.FEAT_DIM) == (7, 128, "dino_say_vitb14", 768)
@@ -49,7 +45,7 @@ def test_globals_drive_every_component():
     assert m.encoder.output_transform.outp_dim == 64
 
 
-SEED_OVERRIDES = {
+RECIPE_OVERRIDES = {
     "dataset.batch_size=32": ("dataset.batch_size", 32),
     "globals.NUM_SLOTS=10": ("model.initializer.n_slots", 10),
     "optimizer.lr=0.0001": ("optimizer.lr", 1e-4),
@@ -67,15 +63,15 @@ SEED_OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("override", sorted(SEED_OVERRIDES))
-def test_every_override_of_the_seed_applies(override):
-    key, expected = SEED_OVERRIDES[override]
+@pytest.mark.parametrize("override", sorted(RECIPE_OVERRIDES))
+def test_every_override_of_the_recipe_applies(override):
+    key, expected = RECIPE_OVERRIDES[override]
     cfg = OmegaConf.structured(load_config("integrated_saycam", [override]))
     assert OmegaConf.select(cfg, key) == expected
 
 
-# The seed's five `python train_integrated.py` lines (checked against the document when present).
-SEED_COMMANDS = [
+# The recipe's five `python train_integrated.py` command lines, as `slotsweep train` arguments.
+RECIPE_COMMANDS = [
     "integrated_saycam.yml --data-dir /path/to/data --log-dir ./logs",
     "integrated_saycam.yml --data-dir /path/to/data --log-dir ./logs --use-optimizations "
     "dataset.batch_size=32 globals.NUM_SLOTS=10",
@@ -88,23 +84,8 @@ SEED_COMMANDS = [
 ]
 
 
-def _seed_command_lines() -> list[list[str]]:
-    if not SEED.is_file():  # a clone without ../shared beside it
-        return [shlex.split(line) for line in SEED_COMMANDS]
-    text = SEED.read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            line = line.strip()
-            if line.startswith("python train_integrated.py"):
-                commands.append(shlex.split(line)[2:])
-    return commands
-
-
-def test_every_command_line_of_the_seed_parses_and_loads():
-    commands = _seed_command_lines()
-    assert commands == [shlex.split(line) for line in SEED_COMMANDS]
+def test_every_command_line_of_the_recipe_parses_and_loads():
+    commands = [shlex.split(line) for line in RECIPE_COMMANDS]
     for argv in commands:
         args = parse_args(build_parser(), argv)
         assert args.config == "integrated_saycam.yml"

@@ -1,4 +1,4 @@
-"""The seed's after-training tools: extract-features and visualize on a trained checkpoint."""
+"""After-training tools: extract-features and visualize on a trained checkpoint."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Schema + YAML + ``key=value`` overrides -> a validated :class:`Config`.
 
 Errors are :class:`ConfigError` with one line naming the key (and the nearest valid key for a
-typo). The seed's shorthand paths work: ``grouper.n_iters=5`` means ``model.grouper.n_iters=5``.
+typo). The recipe's shorthand paths work: ``grouper.n_iters=5`` means ``model.grouper.n_iters=5``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def suggest_key(key: str) -> str:
 
 
 def normalize_key(key: str) -> str:
-    """Expand the seed's shorthand: a key that starts with a model part lives under ``model.``."""
+    """Expand the shorthand: a key that starts with a model part lives under ``model.``."""
     head = key.split(".", 1)[0]
     if head not in TOP_LEVEL_KEYS and head in MODEL_KEYS:
         return f"model.{key}"

@@ -1,4 +1,5 @@
-"""The one typed schema of a training run. Defaults are the seed document's; YAML files hold only
+"""The one typed schema of a training run. Its defaults are the integrated DINO + slot-attention
+recipe's (frozen dino_say_vitb14, 7 slots of 128, SlotContrast, MLP decoder); YAML files hold only
 what differs. ``${globals.X}`` interpolations let one global (``NUM_SLOTS``, ``SLOT_DIM``) drive
 every component that needs it, so a sweep over ``globals.NUM_SLOTS`` changes them all.
 """
@@ -40,7 +41,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     limit_val_batches: float = 1.0  # fraction (<= 1.0) or number of batches (> 1)
     gradient_checkpointing: bool = False
-    use_optimizations: bool = False  # the seed's --use-optimizations flag
+    use_optimizations: bool = False  # train --use-optimizations
     deterministic: bool = False
 
 
@@ -176,7 +177,7 @@ class OptimizerConfig:
     warmup_steps: int = 2500
     decay: str = "exponential"  # exponential | cosine | none (after warm-up)
     decay_rate: float = 0.5  # exponential: factor per decay_steps
-    decay_steps: int = 100_000  # the seed's max_steps; fixed so resuming longer keeps the schedule
+    decay_steps: int = 100_000  # = default max_steps; fixed: a longer resume keeps the schedule
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
 
 

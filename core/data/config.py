@@ -38,7 +38,7 @@ class SyntheticDataConfig:
 
 @dataclass
 class DatasetConfig:
-    """Data settings (the seed's ``dataset:`` block plus what a loader needs to be exact).
+    """Data settings (the ``dataset:`` block of a config plus what a loader needs to be exact).
 
     ``format: saycam`` reads ``<json_dir>/<split>.json`` index files whose frame paths are relative
     to ``img_dir`` (and mask paths to ``mask_dir``); see :mod:`core.data.layout`.

@@ -24,7 +24,7 @@ ENCODER_INFO = "slotsweep_encoder"
 
 
 def train_loss_key(name: str) -> str:
-    """``loss_featrec`` -> ``train/loss/featrec`` (the seed's names, namespaced)."""
+    """``loss_featrec`` -> ``train/loss/featrec`` (the loss block's name, namespaced)."""
     return f"{TRAIN_LOSS}/{name.removeprefix('loss_')}"
 
 
