@@ -80,7 +80,8 @@ def score(cfg: Any, checkpoint: str | None = None) -> dict[str, Any]:
     from core.baselines import kmeans_masks, patch_oracle_masks, position_r2, stripe_masks
     from core.data.clips import MASKS_KEY
     from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES
-    from core.train import feature_cache_for, load_into, make_datamodule
+    from core.train import feature_cache_for, make_datamodule
+    from core.training.checkpoint import load_into
     from core.training.module import SlotModule
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -67,9 +67,10 @@ def run_mode(config: str, overrides: list[str], mode: str, steps: int, warmup: i
     import torch
 
     from core.config import load_config
-    from core.train import _precision, _quiet_lightning, feature_cache_for, make_datamodule
+    from core.train import feature_cache_for, make_datamodule
     from core.training.fast import FiniteGuard
     from core.training.module import SlotModule
+    from core.training.trainer import lightning_precision, quiet_lightning
 
     _, cached, optimized = MODES[mode]
     cfg = load_config(config, [
@@ -77,7 +78,7 @@ def run_mode(config: str, overrides: list[str], mode: str, steps: int, warmup: i
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
         "feature_cache.mode=" + ("build" if cached else "off"),
     ])
-    _quiet_lightning()
+    quiet_lightning()
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     if optimized and cuda:
@@ -118,7 +119,7 @@ def run_mode(config: str, overrides: list[str], mode: str, steps: int, warmup: i
             times["end"] = time.perf_counter()
 
     trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision=_precision(cfg),
+        accelerator="gpu" if cuda else "cpu", devices=1, precision=lightning_precision(cfg),
         max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, gradient_clip_val=cfg.trainer.gradient_clip_val or None,
@@ -135,7 +136,7 @@ def run_mode(config: str, overrides: list[str], mode: str, steps: int, warmup: i
         "clips_per_s": (steps - warmup) * batch_size / seconds,
         "step_ms": 1000 * seconds / (steps - warmup), "peak_bytes": peak,
         "peak_kind": "GPU allocated" if cuda else "process RSS",
-        "precision": _precision(cfg), "compiled": bool(fast and fast.compiled),
+        "precision": lightning_precision(cfg), "compiled": bool(fast and fast.compiled),
         "cuda_graphs": bool(fast and fast.cuda_graphs), "batch_size": batch_size,
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
     }

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from core.cli import parse_args
 from core.config import load_config
-from core.train import parse_args, train
+from core.train import train
 
 
 class SpeedMeter(pl.Callback):

@@ -1,9 +1,11 @@
-"""The seed's after-training tools on a trained checkpoint, with ``core`` alone:
+"""Tools on a trained checkpoint, and the feature cache of a config, with ``core`` alone
+(their commands are in ``core.cli``):
 
     slotsweep extract-features --checkpoint CKPT --data-dir D --output-dir ./features
     slotsweep visualize --checkpoint CKPT [--data-dir D] [--output-dir O] [--clips 4]
+    slotsweep cache-features CONFIG [key=value ...] [--data-dir D] [--verify]
 
-Both read the resolved config stored inside the checkpoint, so they need nothing else.
+The first two read the resolved config stored inside the checkpoint, so they need nothing else.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from core.names import RESOLVED_CONFIG_NAME, VISUALS_DIRNAME
 def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
     """(config, SlotModule in eval mode) from a slotsweep checkpoint."""
     from core.config import load_config
-    from core.train import load_into, read_checkpoint
     from core.training.callbacks import CONFIG_KEY
+    from core.training.checkpoint import load_into, read_checkpoint
     from core.training.module import SlotModule
 
     ckpt = read_checkpoint(checkpoint)

@@ -126,7 +126,7 @@ def full_state(run_dir: str | Path, checkpoint: str | Path) -> tuple[Any, dict]:
     """The trial's config and the whole model's state dict at ``checkpoint`` (a frozen backbone
     left out of the file is put back from its own weights file)."""
     from core.config import load_config
-    from core.train import load_into
+    from core.training.checkpoint import load_into
     from core.training.module import SlotModule
 
     cfg = load_config(Path(run_dir) / RESOLVED_CONFIG_NAME)

@@ -64,6 +64,7 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
     """Train the trial of MLflow run ``run_id`` again here; returns the new run and a comparison."""
     from core.config import flatten, load_config
     from core.train import train
+    from core.training.trainer import best_checkpoint
 
     uri, server = open_store(tracking_uri)
     try:
@@ -81,9 +82,6 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
         parent = client.get_run(parent_id) if parent_id else None
         params = parent.data.params if parent else {}
         data_dir = params.get("data_dir") if params.get("data_dir") not in (None, "None") else None
-        tie = params.get("select.tie_break")
-        select = (params.get("select.metric", METRIC_ARI), params.get("select.mode", "max"),
-                  None if tie in (None, "", "None") else tie)
         new = client.create_run(
             original.info.experiment_id,
             run_name=f"rerun-of-{original.info.run_name or run_id[:8]}",
@@ -95,10 +93,15 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
             import torch
 
             torch.set_num_threads(int(threads))
+        run_dir = Path(log_dir) / new
+        tie = params.get("select.tie_break")
+        best = best_checkpoint(run_dir, params.get("select.metric", METRIC_ARI),
+                               params.get("select.mode", "max"),
+                               None if tie in (None, "", "None") else tie)
         logger = tracking.TrialLogger(uri, new, params=flatten(cfg))
         try:
-            result = train(cfg, [logger], data_dir=data_dir, run_dir=Path(log_dir) / new,
-                           select=select, progress_bar=False)
+            result = train(cfg, [best, logger], data_dir=data_dir, run_dir=run_dir,
+                           progress_bar=False)
         except BaseException:
             tracking.finish_run(client, new, "FAILED")
             raise

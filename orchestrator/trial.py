@@ -1,5 +1,6 @@
 """One trial of a sweep: sampled values -> overrides -> ``core.config.load_config`` ->
-``core.train.train(cfg, callbacks)``, reporting to Tune and logging to the trial's MLflow run.
+``core.train.train(cfg, callbacks)``, reporting to Tune and logging to the trial's MLflow run;
+the sweep's ``select`` rule keeps the trial's ``best.ckpt`` (a ``BestCheckpoint`` callback).
 
 A trial with ``workers > 1`` (several GPUs, or 2 gloo workers on a CPU) runs the same ``train``
 inside a Ray Train ``TorchTrainer`` with the ``ray.train.lightning`` helpers (Ray 2.60: Train V2
@@ -92,6 +93,16 @@ class TuneReporter(pl.Callback):
             self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
 
 
+class RayPrepared(pl.Callback):
+    """``ray.train.lightning.prepare_trainer`` on the Trainer of a DDP trial's worker, as fitting
+    starts (it checks the Ray strategy and cluster environment)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from ray.train.lightning import prepare_trainer
+
+        prepare_trainer(trainer)
+
+
 class FaultInjector(pl.Callback):
     """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, or turn its loss
     NaN, at ``step``. A marker file makes ``raise`` happen only once per trial."""
@@ -125,16 +136,25 @@ def _config_for(ctx: TrialContext, sampled: dict[str, Any], index: int):
 
 def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index: int,
                 report: Any, checkpoint_cls: Any, checkpoint: Any,
-                ddp: dict[str, Any] | None = None, rank_zero: bool = True):
-    """Train (or continue) one trial; returns train()'s result. Runs on every DDP worker."""
+                ddp: tuple[dict[str, Any], list[pl.Callback]] | None = None,
+                rank_zero: bool = True):
+    """Train (or continue) one trial to ``trainer.max_steps`` in all (a resumed trial that had
+    finished trains no further); returns train()'s result. Runs on every DDP worker; ``ddp``:
+    the worker's Trainer arguments and callbacks."""
     from core.config import flatten
     from core.train import train
+    from core.training.trainer import best_checkpoint
     from orchestrator import tracking
 
     cfg, overrides = _config_for(ctx, sampled, index)
     run_dir = run_dir_of(ctx.sweep_dir, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks: list[pl.Callback] = [TuneReporter(run_dir, report, checkpoint_cls)]
+    trainer_kwargs, ddp_callbacks = ddp or (None, [])
+    select = ctx.spec.select
+    callbacks: list[pl.Callback] = [
+        best_checkpoint(run_dir, select.metric, select.mode, select.tie_break),
+        TuneReporter(run_dir, report, checkpoint_cls), *ddp_callbacks,
+    ]
     run_id = None
     if rank_zero:
         client = tracking.client_for(ctx.tracking_uri)
@@ -148,7 +168,6 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
     for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))
     continue_from = _newest_checkpoint(run_dir, checkpoint)
-    select = ctx.spec.select
     if rank_zero:
         (run_dir / "trial.json").write_text(json.dumps(
             {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
@@ -156,8 +175,7 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
     result = train(
         cfg, callbacks, data_dir=ctx.spec.data_dir, run_dir=run_dir,
         continue_from=continue_from, progress_bar=False,
-        select=(select.metric, select.mode, select.tie_break), extend_steps=False,
-        **(ddp or {}),
+        trainer_kwargs=trainer_kwargs,
     )
     return result, run_id
 
@@ -231,22 +249,20 @@ def _diverged(ctx: TrialContext, trial_id: str, index: int, message: str) -> Non
 def _ddp_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker of a DDP trial: Lightning with RayDDPStrategy."""
     import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
     ctx, sampled, trial_id, index = (config["ctx"], config["sampled"], config["trial_id"],
                                      config["index"])
     use_gpu = torch.cuda.is_available() and ctx.spec.resources.gpus_per_trial > 0
     accelerator = "gpu" if use_gpu else "cpu"
-    ddp = {
-        "trainer_kwargs": {
-            "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
-            "devices": "auto", "accelerator": accelerator, "num_nodes": 1,
-        },
-        "trainer_hook": prepare_trainer,
+    trainer_kwargs = {
+        "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
+        "devices": "auto", "accelerator": accelerator, "num_nodes": 1,
     }
     rank_zero = ray.train.get_context().get_world_rank() == 0
     _train_once(ctx, sampled, trial_id, index, ray.train.report, ray.train.Checkpoint,
-                ray.train.get_checkpoint(), ddp, rank_zero=rank_zero)
+                ray.train.get_checkpoint(), (trainer_kwargs, [RayPrepared()]),
+                rank_zero=rank_zero)
 
 
 def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str, index: int,

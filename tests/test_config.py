@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from core.cli import parse_args, train_parser
 from core.config import compose, flatten, load_config, parse_override, save_config
 from core.config.load import CONFIG_DIR, shipped_configs
 from core.errors import ConfigError
 from core.models.build import build_losses, build_model
-from core.train import build_parser, parse_args
 
 
 def test_defaults_are_the_recipes():
@@ -87,14 +87,14 @@ RECIPE_COMMANDS = [
 def test_every_command_line_of_the_recipe_parses_and_loads():
     commands = [shlex.split(line) for line in RECIPE_COMMANDS]
     for argv in commands:
-        args = parse_args(build_parser(), argv)
+        args = parse_args(train_parser(), argv)
         assert args.config == "integrated_saycam.yml"
         cfg = load_config(args.config, args.overrides)  # shipped name found by file name
         assert cfg.experiment == "integrated_saycam"
-    assert parse_args(build_parser(), commands[1]).use_optimizations
-    assert parse_args(build_parser(), commands[1]).overrides == [
+    assert parse_args(train_parser(), commands[1]).use_optimizations
+    assert parse_args(train_parser(), commands[1]).overrides == [
         "dataset.batch_size=32", "globals.NUM_SLOTS=10"]
-    assert parse_args(build_parser(), commands[2]).continue_from.endswith("step=10000.ckpt")
+    assert parse_args(train_parser(), commands[2]).continue_from.endswith("step=10000.ckpt")
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.cli import error_line
 from core.data import layout
 from core.data.clips import IMAGENET_MEAN, IMAGENET_STD, MASKS_KEY, VIDEO_KEY, ClipDataset
 from core.data.config import DatasetConfig, resolve_paths
@@ -18,7 +19,7 @@ from core.data.datamodule import VideoDataModule, backbone_normalization, load_r
 from core.data.records import read_index, scan_folders
 from core.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from core.errors import ConfigError, DataError
-from orchestrator.cli import _error_line, main
+from orchestrator.cli import main
 
 SIZE = 32
 FRAMES = 6
@@ -260,7 +261,7 @@ def test_error_inside_a_worker_reaches_the_user_as_one_line(copy):
     )
     with pytest.raises(DataError) as info:
         next(iter(loader))
-    line = _error_line(info.value)
+    line = error_line(info.value)
     assert line.startswith("frame ") and "000005.png cannot be read" in line and "\n" not in line
 
 

@@ -17,7 +17,8 @@ import torch
 from core.config import load_config
 from core.data.feature_cache import DIR_ENV
 from core.errors import NonFiniteLossError
-from core.train import read_checkpoint, train
+from core.train import train
+from core.training.checkpoint import read_checkpoint
 from core.training.fast import (
     CompiledStep,
     DeferredFiniteCheck,
@@ -327,11 +328,11 @@ def test_bf16_clipping_with_a_fused_optimizer(tmp_path, monkeypatch):
 
 
 def test_cli_divergence_with_use_optimizations_is_exit_3(tmp_path, capsys):
-    from core.train import main
+    from core.cli import train_main
 
     argv = ["tiny", "--log-dir", str(tmp_path), "optimizer.lr=1e30", "trainer.max_steps=4",
             "--use-optimizations"]
-    assert main(argv) == 3
+    assert train_main(argv) == 3
     err = capsys.readouterr().err
     assert "slotsweep: training stopped: loss loss_featrec became nan at step 2: " in err, err
     # the published warm-up gives step 0 a learning rate of 0 (tiny warms up for 1 step), so the

@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from core.cli import train_main
 from core.config import load_config
 from core.data.clips import FEATURES_KEY, VIDEO_KEY
 from core.data.feature_cache import (
@@ -29,7 +30,7 @@ from core.data.feature_cache import (
 from core.errors import ConfigError
 from core.models.build import build_encoder
 from core.tools import cache_features
-from core.train import main, make_datamodule, train
+from core.train import make_datamodule, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,8 +234,9 @@ def test_gpu_on_without_a_gpu_is_one_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     cfg = tiny(tmp_path, "feature_cache.mode=build", "feature_cache.gpu=on")
-    assert main(["tiny", f"feature_cache.dir={tmp_path / 'features'}", "feature_cache.mode=build",
-                 "feature_cache.gpu=on", "--log-dir", str(tmp_path)]) == 2
+    assert train_main(["tiny", f"feature_cache.dir={tmp_path / 'features'}",
+                       "feature_cache.mode=build", "feature_cache.gpu=on",
+                       "--log-dir", str(tmp_path)]) == 2
     assert cfg.feature_cache.gpu == "on"
 
 

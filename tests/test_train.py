@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from core.cli import train_main
 from core.config import load_config
 from core.errors import ConfigError, NonFiniteLossError, SlotsweepError
-from core.train import main, read_checkpoint, train
+from core.names import METRIC_ARI, METRIC_MBO
+from core.train import train
+from core.training.checkpoint import read_checkpoint, with_more_steps
 from core.training.module import SlotModule, lr_lambda, param_groups
+from core.training.trainer import best_checkpoint
 
 FAST = ["dataset.batch_size=2", "trainer.checkpoint_every=2", "trainer.val_check_interval=2"]
 
@@ -84,10 +89,42 @@ def test_continue_with_other_settings_starts_a_new_stage(tmp_path):
 
 def test_seed_two_stage_form_means_more_steps(tmp_path, capsys):
     first = train(load_config("tiny"), run_dir=tmp_path / "r", progress_bar=False)
-    result = train(load_config("tiny", ["trainer.max_steps=1"]),
-                   continue_from=first["checkpoints"][-1], progress_bar=False)
+    cfg = with_more_steps(load_config("tiny", ["trainer.max_steps=1"]), first["checkpoints"][-1])
+    result = train(cfg, continue_from=first["checkpoints"][-1], progress_bar=False)
     assert result["global_step"] == 3
     assert "continuing from step 2 for 1 more steps" in capsys.readouterr().out
+
+
+def test_cli_continue_counts_max_steps_on_from_the_checkpoint(tmp_path, capsys):
+    first = train(load_config("tiny"), run_dir=tmp_path / "r", progress_bar=False)
+    argv = ["tiny", "--continue", first["checkpoints"][-1], "trainer.max_steps=1"]
+    assert train_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "continuing from step 2 for 1 more steps" in out
+    assert f"run: {tmp_path / 'r'} (3 steps)" in out
+
+
+def test_train_counts_max_steps_as_a_total_on_resume(tmp_path, capsys):
+    """A resumed run that had reached trainer.max_steps trains no further (a sweep's trial)."""
+    first = train(load_config("tiny"), run_dir=tmp_path / "r", progress_bar=False)
+    again = train(load_config("tiny"), continue_from=first["checkpoints"][-1], progress_bar=False)
+    assert again["mode"] == "resume" and again["global_step"] == 2
+    assert "more steps" not in capsys.readouterr().out
+
+
+def test_a_best_checkpoint_among_the_callbacks_replaces_the_default_selection(tmp_path):
+    run_dir = tmp_path / "sel"
+    mine = best_checkpoint(run_dir, METRIC_MBO, "min", None)
+    result = train(load_config("tiny"), [mine], run_dir=run_dir, progress_bar=False)
+    assert result["best_checkpoint"] == str(run_dir / "checkpoints" / "best.ckpt")
+    assert mine.best is not None and result["best_score"] == mine.best["score"]
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (best["metric"], best["mode"], best["tie_break"]) == (METRIC_MBO, "min", None)
+    assert best["score"] == result["best_metrics"][METRIC_MBO]
+    default = train(load_config("tiny"), run_dir=tmp_path / "default", progress_bar=False)
+    best = json.loads((tmp_path / "default" / "best.json").read_text())
+    assert (best["metric"], best["mode"], best["tie_break"]) == (METRIC_ARI, "max", METRIC_MBO)
+    assert default["best_score"] == best["score"]
 
 
 class PoisonAt(pl.Callback):
@@ -183,13 +220,13 @@ def test_learning_rate_schedule():
 
 
 def test_cli_train_tiny(tmp_path, capsys):
-    assert main(["tiny", "--log-dir", str(tmp_path), "globals.NUM_SLOTS=4"]) == 0
+    assert train_main(["tiny", "--log-dir", str(tmp_path), "globals.NUM_SLOTS=4"]) == 0
     out = capsys.readouterr().out
     assert f"run: {tmp_path / 'tiny'} (2 steps)" in out and "val/ari=" in out
 
 
 def _fail(argv, capsys) -> str:
-    assert main(argv) == 2
+    assert train_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slotsweep: error: ") and "\n" not in err, err
     return err
@@ -235,7 +272,7 @@ def test_missing_backbone_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_python_dash_m_core_train_needs_no_orchestrator(tmp_path):
     code = (
-        "import sys, core.train as t; rc = t.main(['tiny', '--log-dir', sys.argv[1]]); "
+        "import sys, core.cli as c; rc = c.train_main(['tiny', '--log-dir', sys.argv[1]]); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'orchestrator')]; "
         "print(bad); sys.exit(rc or bool(bad))"
     )
