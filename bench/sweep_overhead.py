@@ -19,7 +19,8 @@ from pathlib import Path
 
 from core.config import load_config
 from core.train import train
-from orchestrator.spec import load_sweep, trial_overrides
+from orchestrator.search import trial_overrides
+from orchestrator.spec import load_sweep
 from orchestrator.sweep import run_sweep, shutdown_ray
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"

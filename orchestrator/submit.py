@@ -213,7 +213,7 @@ def job_uri(spec: specs.SweepSpec, mlflow_uri: str | None) -> str:
 
 def sweep_path_in(sweep_file: str | Path, working_dir: Path) -> str:
     """The sweep file's path inside the uploaded ``working_dir`` (POSIX, relative)."""
-    file = specs._find_sweep(sweep_file).resolve()
+    file = specs.find_sweep(sweep_file).resolve()
     try:
         return file.relative_to(working_dir).as_posix()
     except ValueError:

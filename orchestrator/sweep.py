@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.config import find_config
 from core.errors import ConfigError
 from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, CHECKPOINTS_DIRNAME, METRIC_ARI, METRIC_MBO
 from core.training.callbacks import selection_key
@@ -32,6 +33,8 @@ from orchestrator.progress import (
     format_table,
     short_key,
 )
+from orchestrator.search import param_space, trial_resources, tune_config
+from orchestrator.spec_check import check_cluster, max_steps
 from orchestrator.trial import (
     ERROR_KEY,
     STATUS_KEY,
@@ -51,15 +54,6 @@ def sweep_dir_of(spec: specs.SweepSpec) -> Path:
     if "://" in storage:  # s3://..., gs://...: Tune state goes there, run folders stay local
         return (Path.cwd() / specs.DEFAULT_STORAGE / spec.name).resolve()
     return Path(storage).resolve() / spec.name
-
-
-def _absolute_paths(spec: specs.SweepSpec) -> specs.SweepSpec:
-    """Trials run with a temporary working directory: every path they read must be absolute."""
-    from core.config import find_config
-
-    base = str(find_config(spec.base).resolve())
-    data_dir = str(Path(spec.data_dir).expanduser().resolve()) if spec.data_dir else None
-    return replace(spec, base=base, data_dir=data_dir)
 
 
 def _quiet() -> None:
@@ -89,7 +83,7 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
     resources = ray.cluster_resources()
-    specs.check_cluster(spec, resources)
+    check_cluster(spec, resources)
     return resources
 
 
@@ -137,12 +131,7 @@ def _build_cache(base: str, overrides: list[str], data_dir: str | None) -> tuple
 def _trainable(spec: specs.SweepSpec, ctx: TrialContext) -> Any:
     from ray import tune
 
-    workers = int(spec.resources.workers or 1)
-    if workers > 1:  # the TorchTrainer's workers hold the resources; the trial only drives them
-        resources = {"cpu": 0.01}
-    else:
-        resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(spec))
 
 
 def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
@@ -157,14 +146,10 @@ def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
     progress = ProgressTable(metrics, list(spec.search))
     return tune.Tuner(
         trainable,
-        param_space=specs.param_space(spec),
-        tune_config=tune.TuneConfig(
-            search_alg=specs.make_search_alg(spec),
-            scheduler=specs.make_scheduler(spec, cfg.trainer.val_check_interval),
-            num_samples=specs.num_samples(spec),  # concurrency: enforced by the searcher
-            trial_dirname_creator=trial_dirname,
-            reuse_actors=True,  # a warm worker skips re-importing torch + Lightning (~6 s)
-        ),
+        param_space=param_space(spec),
+        # reuse_actors: a warm worker skips re-importing torch + Lightning (~6 s)
+        tune_config=tune_config(spec, cfg.trainer.val_check_interval, reuse_actors=True,
+                                trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=spec.storage,
@@ -193,7 +178,7 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
         state, error = DIVERGED, result.metrics.get(ERROR_KEY)
     else:
         last = result.metrics.get("step") or 0
-        planned = result.config.get("trainer.max_steps") or specs.max_steps(spec)
+        planned = result.config.get("trainer.max_steps") or max_steps(spec)
         state, error = (DONE if status == "done" or last >= planned else STOPPED), None
     best: dict[str, Any] | None = None
     frame = result.metrics_dataframe
@@ -287,10 +272,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
     """Run (or with ``resume`` finish) the sweep in ``path``; returns the exit code."""
     stream = stream or sys.stdout
     _quiet()
-    spec = _absolute_paths(specs.load_sweep(path, overrides))
+    spec = specs.load_sweep(path, overrides)
+    spec = replace(spec, base=str(find_config(spec.base).resolve()))  # trials: their own cwd
     sweep_dir = sweep_dir_of(spec)
     if not os.environ.get("RAY_ADDRESS"):  # local: the cluster is this machine, check it first
-        specs.check_cluster(spec, local_resources())
+        check_cluster(spec, local_resources())
     _check_resume(spec, resume)
     uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri)
     server = None

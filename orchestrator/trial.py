@@ -127,7 +127,7 @@ class FaultInjector(pl.Callback):
 
 def _config_for(ctx: TrialContext, sampled: dict[str, Any], index: int):
     from core.config import load_config
-    from orchestrator.spec import trial_overrides
+    from orchestrator.search import trial_overrides
 
     spec = ctx.spec
     overrides = [*spec.overrides, *trial_overrides(spec, sampled), f"seed={spec.seed + index}"]

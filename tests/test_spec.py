@@ -11,20 +11,18 @@ import yaml
 
 from core.config import flatten, load_config
 from core.errors import ConfigError
-from orchestrator import spec as S
-from orchestrator.spec import (
-    check_cluster,
-    grid_size,
-    load_sweep,
+from orchestrator import spec_check as C
+from orchestrator.search import (
     make_scheduler,
     make_search_alg,
     num_samples,
     param_space,
-    sweep_key,
-    to_dict,
-    to_yaml,
     trial_overrides,
+    trial_resources,
+    tune_config,
 )
+from orchestrator.spec import load_sweep, sweep_key, to_dict, to_yaml
+from orchestrator.spec_check import check_cluster, grid_size
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 QUICK = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
@@ -56,8 +54,10 @@ def search(**dists) -> dict:
 def test_shipped_sweeps_validate_without_torch_ray_or_weights():
     code = (
         "import sys; from orchestrator.spec import load_sweep\n"
+        "from orchestrator.search import num_samples, trial_overrides\n"
         "q = load_sweep('sweeps/quickstart.yaml'); s = load_sweep('saycam_slots')\n"
         "assert (q.trials, q.concurrency, s.trials, s.algorithm.name) == (4, 2, 32, 'optuna')\n"
+        "assert num_samples(q) == 4 and trial_overrides(q, {'seed': 1}) == ['seed=1']\n"
         "heavy = [m for m in ('torch', 'ray', 'timm', 'pytorch_lightning') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -70,9 +70,9 @@ def test_quickstart_fields_and_derived_values():
     assert spec.base == "tiny.yml" and spec.scheduler.name == "none"
     assert spec.resources.workers == 1 and Path(spec.storage).is_absolute()
     assert grid_size(spec) is None and num_samples(spec) == 4
-    assert S.max_steps(spec) == 8
+    assert C.max_steps(spec) == 8
     saycam = load_sweep("saycam_slots")
-    assert saycam.resources.gpus_per_trial == 1 and S.max_steps(saycam) == 20000
+    assert saycam.resources.gpus_per_trial == 1 and C.max_steps(saycam) == 20000
 
 
 def test_round_trip_through_yaml(tmp_path):
@@ -107,6 +107,30 @@ def test_required_fields_and_types(tmp_path):
     assert "has no name" in error(write(tmp_path, name=None))
     assert "sweep field trials must be an int, got 'many'" in error(write(tmp_path, trials="many"))
     assert "may only use letters" in error(write(tmp_path, name="a b"))
+
+
+def test_field_shapes_nulls_and_strings(tmp_path):
+    """OmegaConf's errors come back as one line naming the field; null keeps a section's
+    defaults; a string field keeps the command line's text as it is."""
+    assert "sweep field resources must be a mapping, got 3" in error(write(tmp_path, resources=3))
+    assert "sweep field search must be a mapping, got [1]" in error(write(tmp_path, search=[1]))
+    message = error(write(tmp_path, resources={"cpus_per_trial": "x"}))
+    assert "sweep field resources.cpus_per_trial must be a number, got 'x'" in message
+    message = error(write(tmp_path, overrides="x"))
+    assert "sweep field overrides must be a list of strings, got 'x'" in message
+    path = tmp_path / "nulls.yaml"
+    path.write_text(yaml.safe_dump({**QUICK, "resources": None, "scheduler": None}))
+    spec = load_sweep(path, ["name=007", "mlflow.experiment=1e3"])
+    assert (spec.resources.cpus_per_trial, spec.scheduler.name) == (1, "none")
+    assert (spec.name, spec.mlflow.experiment) == ("007", "1e3")
+
+
+def test_overrides_keep_config_interpolations(tmp_path):
+    """``overrides`` and ``search`` are free-form: a ${...} in them is the run config's."""
+    item = "trainer.visualize_every=${trainer.val_check_interval}"
+    spec = load_sweep(write(tmp_path, overrides=[*QUICK["overrides"], item]))
+    assert spec.overrides[-1] == item
+    assert load_config(spec.base, spec.overrides).trainer.visualize_every == 4
 
 
 def test_base_config_missing_and_bad_overrides(tmp_path):
@@ -185,12 +209,12 @@ def test_random_sweep_with_grid_dimensions_is_stratified(tmp_path):
     dists = {"globals.NUM_SLOTS": {"grid": [1, 3, 5]},
              "model.losses.loss_ss.temperature": {"loguniform": [0.05, 0.5]}}
     spec = load_sweep(write(tmp_path, search=dists, trials=6))
-    assert S.strata(spec) == 3 and num_samples(spec) == 2
-    space = S.param_space(spec)
+    assert C.strata(spec) == 3 and num_samples(spec) == 2
+    space = param_space(spec)
     assert space["globals.NUM_SLOTS"] == {"grid_search": [1, 3, 5]}
     message = error(write(tmp_path, search=dists, trials=4))
     assert "trials=4 but the grid dimensions have 3 points" in message
-    assert S.strata(load_sweep(write(tmp_path, trials=4))) == 1  # no grid dimension
+    assert C.strata(load_sweep(write(tmp_path, trials=4))) == 1  # no grid dimension
 
 
 def test_grid_algorithm_size_and_trials(tmp_path):
@@ -259,9 +283,9 @@ def test_select_metric_must_be_logged(tmp_path):
 def test_metric_names_follow_the_module():
     from core.training.module import TRAIN_LOSS, VAL_LOSS, train_loss_key, val_metric_key
 
-    assert (S.TRAIN_LOSS, S.VAL_LOSS) == (TRAIN_LOSS, VAL_LOSS)
+    assert (C.TRAIN_LOSS, C.VAL_LOSS) == (TRAIN_LOSS, VAL_LOSS)
     cfg = load_config("tiny", ["model.loss_weights.loss_ss=0"])
-    assert S.metric_names(cfg) == [TRAIN_LOSS, train_loss_key("loss_featrec"), VAL_LOSS,
+    assert C.metric_names(cfg) == [TRAIN_LOSS, train_loss_key("loss_featrec"), VAL_LOSS,
                                    val_metric_key("ari"), val_metric_key("mbo")]
 
 
@@ -375,6 +399,23 @@ def test_trial_overrides_round_trip():
     assert trial_overrides(spec, {"trainer.deterministic": True, "trainer.precision": "32",
                                   "optimizer.lr": 7.34e-05}) == [
         "optimizer.lr=7.34e-05", "trainer.deterministic=true", 'trainer.precision="32"']
+
+
+def test_trial_resources():
+    spec = load_sweep("quickstart", ["resources.cpus_per_trial=2", "resources.gpus_per_trial=0.5"])
+    assert trial_resources(spec) == {"cpu": 2.0, "gpu": 0.5}
+    ddp = load_sweep("quickstart", ["resources.cpus_per_trial=8", "resources.gpus_per_trial=2"])
+    assert ddp.resources.workers == 2 and trial_resources(ddp) == {"cpu": 0.01}  # workers hold it
+
+
+def test_tune_config():
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    config = tune_config(load_sweep("quickstart"), 4, reuse_actors=True)
+    assert isinstance(config.search_alg, BasicVariantGenerator)
+    assert isinstance(config.scheduler, FIFOScheduler)
+    assert (config.num_samples, config.reuse_actors) == (4, True)
 
 
 def test_search_algorithms_and_seeded_optuna():
