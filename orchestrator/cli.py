@@ -127,7 +127,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
     import time
 
-    from orchestrator.tracking import LocalServer, mlflow_root
+    from orchestrator.mlflow_server import LocalServer, mlflow_root
 
     root = Path(args.store).resolve() if args.store else mlflow_root()
     if not (root / "mlflow.db").is_file():
