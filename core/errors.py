@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 300 characters), else its type's name."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
 class SlotsweepError(Exception):
     """A user-facing error: the message names the culprit and the fix, and needs no traceback."""
 

@@ -46,4 +46,5 @@ CACHE_ENV = "SLOTSWEEP_CACHE"  # root of generated data and feature caches (~/.c
 FEATURE_CACHE_ENV = "SLOTSWEEP_FEATURE_CACHE"  # the feature caches' folder alone
 NO_COMPILE_ENV = "SLOTSWEEP_NO_COMPILE"  # 1: the fast step stays eager (no torch.compile)
 MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"  # the embedded MLflow store (default ./runs/mlflow)
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own: the server a sweep logs to
 FAULT_ENV = "SLOTSWEEP_INJECT_FAULT"  # tests: make a trial fail on purpose

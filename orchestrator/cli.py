@@ -117,7 +117,7 @@ def add_rerun(sub: argparse._SubParsersAction) -> None:
 def _ui(args: argparse.Namespace) -> int:
     import time
 
-    from orchestrator.tracking import LocalServer, mlflow_root
+    from orchestrator.mlflow_server import LocalServer, mlflow_root
 
     root = Path(args.store).resolve() if args.store else mlflow_root()
     if not (root / "mlflow.db").is_file():

@@ -17,7 +17,13 @@ from mlflow.exceptions import MlflowException
 from core.errors import SlotsweepError
 from core.names import BEST_JSON, CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME
 from core.training.callbacks import checkpoint_path
-from orchestrator import tracking
+from orchestrator.mlflow_runs import client_for, quiet_mlflow
+from orchestrator.mlflow_server import (
+    LocalServer,
+    check_tracking_uri,
+    mlflow_root,
+    resolve_tracking_uri,
+)
 
 CORE_DIR = Path(__file__).resolve().parents[1] / "core"
 MODEL_NAME = "model"  # artifact name of the logged MLflow model inside the trial's run
@@ -69,18 +75,16 @@ def open_store(uri: str | None, record: dict[str, Any] | None = None):
 
     Order: ``uri``; ``MLFLOW_TRACKING_URI``; the sweep's embedded store (a server is started on
     it); the URI the sweep used."""
-    from orchestrator.tracking import mlflow_root
-
-    tracking.quiet_mlflow()
-    uri = uri or tracking.resolve_tracking_uri(None)
+    quiet_mlflow()
+    uri = uri or resolve_tracking_uri(None)
     store = (record or {}).get("mlflow", {}).get("embedded_store")
     if uri is None and (store or (mlflow_root() / "mlflow.db").is_file()):
-        server = tracking.LocalServer.start(Path(store) if store else mlflow_root())
+        server = LocalServer.start(Path(store) if store else mlflow_root())
         return server.uri, server
     uri = uri or (record or {}).get("mlflow", {}).get("tracking_uri")
     if uri is None:
         raise SlotsweepError("no MLflow store: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    tracking.check_tracking_uri(uri)
+    check_tracking_uri(uri)
     return uri, None
 
 
@@ -158,7 +162,7 @@ def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",
     _, record = find_sweep(sweep)
     uri, server = open_store(tracking_uri, record)
     try:
-        client = tracking.client_for(uri)
+        client = client_for(uri)
         chosen = choose(record, client, metric, mode)
         name = name or record["sweep"]
         cfg, state = full_state(chosen["run_dir"], chosen["checkpoint"])

@@ -16,9 +16,19 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError
-from core.names import METRIC_ARI, METRIC_MBO, TAG_RERUN_OF, TAG_THREADS, TRAIN_LOSS
-from orchestrator import tracking
+from core.names import (
+    METRIC_ARI,
+    METRIC_MBO,
+    TAG_FEATURE_CACHE,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_RERUN_OF,
+    TAG_THREADS,
+    TRAIN_LOSS,
+)
+from orchestrator.mlflow_runs import ARTIFACT_CONFIG, client_for, finish_run
 from orchestrator.registry import open_store
+from orchestrator.trial_logger import TrialLogger
 
 RERUN_DIR = Path("runs") / "reruns"
 COMPARED = (TRAIN_LOSS, METRIC_ARI, METRIC_MBO)
@@ -48,7 +58,7 @@ def _feature_cache_overrides(run: Any) -> list[str]:
     """Read frames or cached features as the trial did (its ``slotsweep.feature_cache`` tag), so
     the rerun's losses are the trial's: the same cache folder when it is on this machine, else
     the same features built here (``mode=build``). Overrides given to rerun come after these."""
-    tag = run.data.tags.get(tracking.FEATURE_CACHE_TAG)
+    tag = run.data.tags.get(TAG_FEATURE_CACHE)
     if tag is None:  # logged before the cache existed: let the config decide
         return []
     if tag == "none":
@@ -68,24 +78,24 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
 
     uri, server = open_store(tracking_uri)
     try:
-        client = tracking.client_for(uri)
+        client = client_for(uri)
         original = _get_run(client, run_id, uri)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = client.download_artifacts(run_id, f"{tracking.ARTIFACT_CONFIG}/config.yaml",
+                path = client.download_artifacts(run_id, f"{ARTIFACT_CONFIG}/config.yaml",
                                                  tmp)
             except (MlflowException, OSError):
                 raise SlotsweepError(f"run {run_id} has no config/config.yaml artifact: it was "
                                      "not logged by slotsweep") from None
             cfg = load_config(path, [*_feature_cache_overrides(original), *overrides])
-        parent_id = original.data.tags.get(tracking.TAG_PARENT)
+        parent_id = original.data.tags.get(TAG_PARENT)
         parent = client.get_run(parent_id) if parent_id else None
         params = parent.data.params if parent else {}
         data_dir = params.get("data_dir") if params.get("data_dir") not in (None, "None") else None
         new = client.create_run(
             original.info.experiment_id,
             run_name=f"rerun-of-{original.info.run_name or run_id[:8]}",
-            tags={TAG_RERUN_OF: run_id, tracking.TAG_KIND: "rerun",
+            tags={TAG_RERUN_OF: run_id, TAG_KIND: "rerun",
                   **({"overrides": " ".join(overrides)} if overrides else {})},
         ).info.run_id
         threads = original.data.tags.get(TAG_THREADS)
@@ -98,14 +108,14 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
         best = best_checkpoint(run_dir, params.get("select.metric", METRIC_ARI),
                                params.get("select.mode", "max"),
                                None if tie in (None, "", "None") else tie)
-        logger = tracking.TrialLogger(uri, new, params=flatten(cfg))
+        logger = TrialLogger(uri, new, params=flatten(cfg))
         try:
             result = train(cfg, [best, logger], data_dir=data_dir, run_dir=run_dir,
                            progress_bar=False)
         except BaseException:
-            tracking.finish_run(client, new, "FAILED")
+            finish_run(client, new, "FAILED")
             raise
-        tracking.finish_run(client, new, "FINISHED")
+        finish_run(client, new, "FINISHED")
         return {"run_id": new, "rerun_of": run_id, "tracking_uri": uri,
                 "run_dir": result["run_dir"], "best_checkpoint": result["best_checkpoint"],
                 "metrics": result["metrics"], "comparison": compare(client, run_id, new)}

@@ -32,10 +32,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from core.errors import SlotsweepError
-from core.names import TAG_SWEEP
+from core.errors import SlotsweepError, one_line
+from core.names import TAG_SWEEP, TRACKING_URI_ENV
 from orchestrator import spec as specs
-from orchestrator import tracking
+from orchestrator.mlflow_server import check_tracking_uri, resolve_tracking_uri
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # Never uploaded: the venv, local results and caches (the working_dir limit is 100 MiB).
@@ -199,15 +199,15 @@ def connect(address: str, token: str | None) -> Any:
     except ConnectionError as exc:
         raise _unreachable(address, _reason(exc)) from None
     except (RuntimeError, ValueError) as exc:
-        raise SlotsweepError(f"Ray at {address}: {tracking._one_line(exc)}") from None
+        raise SlotsweepError(f"Ray at {address}: {one_line(exc)}") from None
 
 
 def job_uri(spec: specs.SweepSpec, mlflow_uri: str | None) -> str:
     """The MLflow URI the job logs to: the argument, the file's, ``$MLFLOW_TRACKING_URI``."""
-    uri = (mlflow_uri or "").strip() or tracking.resolve_tracking_uri(spec.mlflow.tracking_uri)
+    uri = (mlflow_uri or "").strip() or resolve_tracking_uri(spec.mlflow.tracking_uri)
     if not uri:
         raise SlotsweepError(NO_MLFLOW)
-    tracking.check_tracking_uri(uri)
+    check_tracking_uri(uri)
     return uri
 
 
@@ -244,12 +244,12 @@ def follow_job(client: Any, job_id: str, stream: TextIO) -> int:
             asyncio.run(tail())
     except Exception as exc:  # the log stream broke: the job may go on, wait for its status
         print(f"slotsweep: warning: log stream of job {job_id} ended "
-              f"({tracking._one_line(exc)}); waiting for the job", file=sys.stderr)
+              f"({one_line(exc)}); waiting for the job", file=sys.stderr)
     while not (status := client.get_job_status(job_id)).is_terminal():
         time.sleep(1.0)
     if status == JobStatus.SUCCEEDED:
         return 0
-    message = tracking._one_line(Exception(client.get_job_info(job_id).message or ""))
+    message = one_line(Exception(client.get_job_info(job_id).message or ""))
     message = re.sub(r",? *last available logs.*$", "", message).rstrip(": ")
     print(f"slotsweep: job {job_id} {status.value}" + (f": {message}" if message else ""),
           file=sys.stderr)
@@ -276,7 +276,7 @@ def submit(sweep_file: str | Path, address: str | None, overrides: Sequence[str]
               "reach their own, not yours; use an address every node can reach", file=sys.stderr)
     secret, source = resolve_token(token)
     client = connect(address, secret)
-    env = {tracking.TRACKING_URI_ENV: uri}
+    env = {TRACKING_URI_ENV: uri}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
     runtime_env = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env}
     try:
@@ -290,7 +290,7 @@ def submit(sweep_file: str | Path, address: str | None, overrides: Sequence[str]
         if isinstance(exc, AuthenticationError):
             raise _rejected(address) from None
         raise SlotsweepError(f"Ray at {address} did not take the job: "
-                             f"{tracking._one_line(exc)}") from None
+                             f"{one_line(exc)}") from None
     auth = "RAY_AUTH_MODE=token " if secret else ""
     if source == "--token":
         auth += f"{TOKEN_ENV}=<token> "

@@ -22,7 +22,21 @@ from core.errors import ConfigError
 from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, CHECKPOINTS_DIRNAME, METRIC_ARI, METRIC_MBO
 from core.training.callbacks import selection_key
 from orchestrator import spec as specs
-from orchestrator import tracking
+from orchestrator.mlflow_runs import (
+    ARTIFACT_CHECKPOINT,
+    client_for,
+    finish_run,
+    get_or_create_experiment,
+    get_or_create_sweep_run,
+    log_params,
+    quiet_mlflow,
+)
+from orchestrator.mlflow_server import (
+    LocalServer,
+    check_tracking_uri,
+    mlflow_root,
+    resolve_tracking_uri,
+)
 from orchestrator.progress import (
     DIVERGED,
     DONE,
@@ -45,7 +59,6 @@ from orchestrator.trial import (
 )
 
 SPEC_YAML = "sweep.yaml"
-mlflow_root = tracking.mlflow_root
 
 
 def sweep_dir_of(spec: specs.SweepSpec) -> Path:
@@ -59,7 +72,7 @@ def sweep_dir_of(spec: specs.SweepSpec) -> Path:
 def _quiet() -> None:
     """Keep the terminal for our table: no Ray/MLflow chatter that a user cannot act on."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    tracking.quiet_mlflow()
+    quiet_mlflow()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banner
 
@@ -224,11 +237,11 @@ def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
         if not run_id:
             continue
         if t["state"] in (DONE, STOPPED) and t["checkpoint"]:
-            uploaded = {a.path for a in client.list_artifacts(run_id, tracking.ARTIFACT_CHECKPOINT)}
-            if f"{tracking.ARTIFACT_CHECKPOINT}/best.ckpt" not in uploaded:
-                client.log_artifact(run_id, t["checkpoint"], tracking.ARTIFACT_CHECKPOINT)
+            uploaded = {a.path for a in client.list_artifacts(run_id, ARTIFACT_CHECKPOINT)}
+            if f"{ARTIFACT_CHECKPOINT}/best.ckpt" not in uploaded:
+                client.log_artifact(run_id, t["checkpoint"], ARTIFACT_CHECKPOINT)
         if client.get_run(run_id).info.status == "RUNNING":
-            tracking.finish_run(client, run_id, status[t["state"]])
+            finish_run(client, run_id, status[t["state"]])
 
 
 def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dict | None,
@@ -278,17 +291,17 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
     if not os.environ.get("RAY_ADDRESS"):  # local: the cluster is this machine, check it first
         check_cluster(spec, local_resources())
     _check_resume(spec, resume)
-    uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri)
+    uri = resolve_tracking_uri(spec.mlflow.tracking_uri)
     server = None
     if uri is None:
-        server = tracking.LocalServer.start(mlflow_root())
+        server = LocalServer.start(mlflow_root())
         uri = server.uri
     else:
-        tracking.check_tracking_uri(uri)
+        check_tracking_uri(uri)
     try:
-        client = tracking.client_for(uri)
-        experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
-        parent = tracking.get_or_create_sweep_run(client, experiment_id, specs.sweep_key(spec),
+        client = client_for(uri)
+        experiment_id = get_or_create_experiment(client, spec.mlflow.experiment)
+        parent = get_or_create_sweep_run(client, experiment_id, specs.sweep_key(spec),
                                                   spec.name)
         print(f"sweep {spec.name}: {sweep_dir}", file=stream)
         print(f"MLflow: {uri} (experiment {spec.mlflow.experiment}, run {parent})", file=stream)
@@ -298,7 +311,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
         if not resume:
             (sweep_dir / SPEC_YAML).write_text(specs.to_yaml(spec))
             client.log_artifact(parent, str(sweep_dir / SPEC_YAML))
-            tracking.log_params(client, parent, specs.to_dict(spec))  # searcher seed too
+            log_params(client, parent, specs.to_dict(spec))  # searcher seed too
         ctx = TrialContext(spec, str(sweep_dir), uri, experiment_id, parent)
         tuner = _tuner(spec, _trainable(spec, ctx), resume)
         results = tuner.fit()
@@ -332,10 +345,10 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
             print(f"MLflow UI: `slotsweep ui` then open http://127.0.0.1:5000 "
                   f"(store: {mlflow_root()})", file=stream)
         if trials and len(failed) == len(trials):
-            tracking.finish_run(client, parent, "FAILED")
+            finish_run(client, parent, "FAILED")
             print(f"slotsweep: all {len(trials)} trials failed", file=sys.stderr)
             return 1
-        tracking.finish_run(client, parent, "FINISHED")
+        finish_run(client, parent, "FINISHED")
         return 0
     finally:
         if server is not None:

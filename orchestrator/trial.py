@@ -144,7 +144,8 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
     from core.config import flatten
     from core.train import train
     from core.training.trainer import best_checkpoint
-    from orchestrator import tracking
+    from orchestrator.mlflow_runs import client_for, get_or_create_trial_run
+    from orchestrator.trial_logger import TrialLogger
 
     cfg, overrides = _config_for(ctx, sampled, index)
     run_dir = run_dir_of(ctx.sweep_dir, trial_id)
@@ -157,14 +158,14 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
     ]
     run_id = None
     if rank_zero:
-        client = tracking.client_for(ctx.tracking_uri)
-        run_id = tracking.get_or_create_trial_run(
+        client = client_for(ctx.tracking_uri)
+        run_id = get_or_create_trial_run(
             client, ctx.experiment_id, ctx.parent_run_id, trial_id,
             run_name=f"{ctx.spec.name}-{index:03d}",
             tags={TAG_SEED: str(cfg.seed), TAG_THREADS: str(torch.get_num_threads())},
         )
         params = {**flatten(cfg), **{f"sampled.{k}": v for k, v in sampled.items()}}
-        callbacks.append(tracking.TrialLogger(ctx.tracking_uri, run_id, params=params))
+        callbacks.append(TrialLogger(ctx.tracking_uri, run_id, params=params))
     for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))
     continue_from = _newest_checkpoint(run_dir, checkpoint)
@@ -208,7 +209,7 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     from core.errors import NonFiniteLossError
-    from orchestrator import tracking
+    from orchestrator.mlflow_runs import client_for, finish_run
 
     trial_id = tune.get_context().get_trial_id()
     index = trial_index(tune.get_context().get_trial_dir())
@@ -227,7 +228,7 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
         _diverged(ctx, trial_id, index, str(exc))
         tune.report({STATUS_KEY: "diverged", ERROR_KEY: str(exc)})
         return
-    tracking.finish_run(tracking.client_for(ctx.tracking_uri), run_id, "FINISHED")
+    finish_run(client_for(ctx.tracking_uri), run_id, "FINISHED")
     final = {**result["metrics"], "step": result["global_step"], STATUS_KEY: "done"}
     done.write_text(json.dumps(final))
     tune.report(final)
@@ -235,14 +236,14 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
 
 def _diverged(ctx: TrialContext, trial_id: str, index: int, message: str) -> None:
     """Mark the trial's MLflow run FAILED with the reason (the sweep goes on)."""
-    from orchestrator import tracking
+    from orchestrator.mlflow_runs import client_for, finish_run, get_or_create_trial_run
 
-    client = tracking.client_for(ctx.tracking_uri)
-    run_id = tracking.get_or_create_trial_run(
+    client = client_for(ctx.tracking_uri)
+    run_id = get_or_create_trial_run(
         client, ctx.experiment_id, ctx.parent_run_id, trial_id,
         run_name=f"{ctx.spec.name}-{index:03d}")
     client.set_tag(run_id, "slotsweep.error", message[:5000])
-    tracking.finish_run(client, run_id, "FAILED")
+    finish_run(client, run_id, "FAILED")
     (run_dir_of(ctx.sweep_dir, trial_id) / "diverged.txt").write_text(message + "\n")
 
 
@@ -272,7 +273,7 @@ def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str, in
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator import tracking
+    from orchestrator.mlflow_runs import client_for, find_trial_run, finish_run
 
     resources = ctx.spec.resources
     gpus = float(resources.gpus_per_trial)
@@ -300,10 +301,10 @@ def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str, in
             tune.report({STATUS_KEY: "diverged", ERROR_KEY: message.splitlines()[-1]})
             return
         raise
-    client = tracking.client_for(ctx.tracking_uri)
-    run = tracking.find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
+    client = client_for(ctx.tracking_uri)
+    run = find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
     if run is not None:
-        tracking.finish_run(client, run, "FINISHED")
+        finish_run(client, run, "FINISHED")
     run_dir = run_dir_of(ctx.sweep_dir, trial_id)
     newest = _newest_checkpoint(run_dir, None)
     final = {"step": step_of(newest) if newest else 0, STATUS_KEY: "done"}

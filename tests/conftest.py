@@ -18,7 +18,7 @@ def _own_feature_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real MLflow server on loopback (SQLite store in a temporary folder), one per module."""
-    from orchestrator import tracking
+    from orchestrator.mlflow_server import LocalServer
 
-    with tracking.LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
+    with LocalServer.start(tmp_path_factory.mktemp("mlflow")) as srv:
         yield srv

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from orchestrator import tracking
+from core.names import TAG_KIND
 
 
 def sweep_runs(uri: str, experiment: str) -> tuple[list, list]:
@@ -12,6 +12,6 @@ def sweep_runs(uri: str, experiment: str) -> tuple[list, list]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
-    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(TAG_KIND) == "trial"]
     return parents, children

@@ -8,7 +8,6 @@ files and sweep overrides they name).
 
 from __future__ import annotations
 
-import ast
 import configparser
 import copy
 import fnmatch
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from core.data.prepare import CACHE_ENV
+from core.names import TRACKING_URI_ENV
 from orchestrator.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,19 +42,6 @@ LOCAL_STATE = {".", "./", "*", ".venv", "runs", "logs", ".git", "mlruns"}  # nev
 # MLflow 3.17's rules for the bootstrap admin password (mlflow.utils.validation._validate_password
 # and the refused legacy default of mlflow.server.auth); MinIO refuses root passwords under 8.
 MLFLOW_MIN_PASSWORD, MLFLOW_LEGACY_PASSWORD, MINIO_MIN_PASSWORD = 12, "password1234", 8
-
-
-def _constant(path: Path, name: str) -> Any:
-    """A module-level constant read from the source (orchestrator.tracking imports mlflow)."""
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == name for t in node.targets
-        ):
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"{name} is not a constant of {path}")
-
-
-TRACKING_URI_ENV = _constant(ROOT / "orchestrator" / "tracking.py", "TRACKING_URI_ENV")
 MLFLOW_ENV = (TRACKING_URI_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 

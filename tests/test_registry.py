@@ -14,8 +14,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from orchestrator import tracking
+from core.names import TAG_FEATURE_CACHE
 from orchestrator.cli import main
+from orchestrator.mlflow_server import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
@@ -28,7 +29,7 @@ def swept(tmp_path_factory):
     env = {"SLOTSWEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    with tracking.LocalServer.start(base / "mlflow") as server:
+    with LocalServer.start(base / "mlflow") as server:
         argv = ["sweep", str(QUICKSTART), f"storage={base}", "name=reg", "trials=2",
                 f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=reg"]
         assert main(argv) == 0
@@ -145,9 +146,9 @@ def test_a_rerun_reads_frames_or_cached_features_as_its_trial_did(tmp_path):
     built.mkdir(parents=True)
     (built / "manifest.json").write_text("{}")
     assert _feature_cache_overrides(run({})) == []
-    assert _feature_cache_overrides(run({tracking.FEATURE_CACHE_TAG: "none"})) == [
+    assert _feature_cache_overrides(run({TAG_FEATURE_CACHE: "none"})) == [
         "feature_cache.mode=off"]
-    assert _feature_cache_overrides(run({tracking.FEATURE_CACHE_TAG: str(built)})) == [
+    assert _feature_cache_overrides(run({TAG_FEATURE_CACHE: str(built)})) == [
         "feature_cache.mode=build", f"feature_cache.dir={built.parent}"]
-    elsewhere = run({tracking.FEATURE_CACHE_TAG: "/on/another/machine/vit-56px-abc"})
+    elsewhere = run({TAG_FEATURE_CACHE: "/on/another/machine/vit-56px-abc"})
     assert _feature_cache_overrides(elsewhere) == ["feature_cache.mode=build"]

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 from mlflow_runs import sweep_runs
 
+from core.names import TAG_PARENT
 from orchestrator import submit as sub
-from orchestrator import tracking
 from orchestrator.cli import main
+from orchestrator.mlflow_server import _die_with_parent, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the job's `python`
@@ -106,7 +107,7 @@ def head(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True,
                    env={**env, "HOME": str(token_home)}, capture_output=True, timeout=60)
     token_file = token_home / ".ray" / "auth_token"
-    ports = [tracking._free_port() for _ in range(4)]
+    ports = [_free_port() for _ in range(4)]
     env.update({
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_AUTH_MODE": "token",  # explicit: `ray start` alone turns it on only if a token exists
@@ -124,7 +125,7 @@ def head(tmp_path_factory):
     with log.open("w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    cwd=base, stdin=subprocess.DEVNULL, start_new_session=True,
-                                   preexec_fn=tracking._die_with_parent())
+                                   preexec_fn=_die_with_parent())
     running = None
     try:
         running = Head(f"http://127.0.0.1:{ports[1]}", token_file.read_text().strip(), log)
@@ -182,7 +183,7 @@ def test_a_submitted_sweep_runs_on_the_cluster_and_logs_to_mlflow(head, server, 
     assert (storage / "submitted" / "best.json").is_file()  # written by the job on the head
     parents, children = sweep_runs(server.uri, "quickstart")
     assert len(parents) == 1 and len(children) == 2
-    assert {c.data.tags[tracking.TAG_PARENT] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags[TAG_PARENT] for c in children} == {parents[0].info.run_id}
     assert {r.info.status for r in parents + children} == {"FINISHED"}
 
 
@@ -216,7 +217,7 @@ def test_a_wrong_or_missing_token_is_rejected_and_nothing_is_submitted(head, ser
 
 
 def test_an_unreachable_address_is_one_line(server, capsys):
-    address = f"http://127.0.0.1:{tracking._free_port()}"
+    address = f"http://127.0.0.1:{_free_port()}"
     assert main(["submit", QUICKSTART, "--address", address, "--mlflow-uri", server.uri]) == 2
     assert _one_error_line(capsys) == (
         f"Ray at {address} is unreachable (Connection refused): check --address "
@@ -243,7 +244,7 @@ def test_no_mlflow_uri_is_one_line_and_nothing_is_submitted(head, capsys):
 
 
 def test_an_unreachable_mlflow_server_is_one_line(head, capsys):
-    uri = f"http://127.0.0.1:{tracking._free_port()}"
+    uri = f"http://127.0.0.1:{_free_port()}"
     assert main(["submit", QUICKSTART, "--address", head.address, "--mlflow-uri", uri]) == 2
     assert _one_error_line(capsys).startswith(f"MLflow tracking server {uri} is unreachable")
 

@@ -14,8 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_runs import sweep_runs
 
-from orchestrator import tracking
+from core.names import TAG_FEATURE_CACHE, TAG_PARENT, TAG_TRIAL
 from orchestrator.cli import main
+from orchestrator.mlflow_server import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
@@ -50,14 +51,14 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     client = MlflowClient(server.uri)
     parents, children = sweep_runs(server.uri, "e2e")
     assert len(parents) == 1 and len(children) == 4
-    assert {c.data.tags[tracking.TAG_PARENT] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags[TAG_PARENT] for c in children} == {parents[0].info.run_id}
     assert record["mlflow"]["parent_run_id"] == parents[0].info.run_id
-    by_trial = {c.data.tags[tracking.TAG_TRIAL]: c for c in children}
+    by_trial = {c.data.tags[TAG_TRIAL]: c for c in children}
     assert set(by_trial) == {t["trial_id"] for t in record["trials"]}
     for trial in record["trials"]:
         run = by_trial[trial["trial_id"]]
         assert run.info.run_id == trial["mlflow_run_id"] and run.info.status == "FINISHED"
-        assert run.data.tags[tracking.FEATURE_CACHE_TAG] == cache_dir
+        assert run.data.tags[TAG_FEATURE_CACHE] == cache_dir
         assert run.data.params["globals.NUM_SLOTS"] == str(trial["sampled"]["globals.NUM_SLOTS"])
         assert "sampled.model.loss_weights.loss_ss" in run.data.params
         assert _steps(client, run.info.run_id, "val/ari") == [4, 8]
@@ -94,7 +95,7 @@ def test_a_failing_trial_is_retried_and_a_nan_trial_fails_alone(tmp_path, server
     client = MlflowClient(server.uri)
     _, children = sweep_runs(server.uri, "faults")
     assert len(children) == 4  # the retry reused its run
-    by_trial = {c.data.tags[tracking.TAG_TRIAL]: c for c in children}
+    by_trial = {c.data.tags[TAG_TRIAL]: c for c in children}
     retried = by_trial[states["00001"]["trial_id"]]
     assert _steps(client, retried.info.run_id, "val/ari") == [4, 8]
     diverged = by_trial[states["00002"]["trial_id"]]
@@ -151,13 +152,13 @@ def test_kill_the_driver_then_resume(tmp_path):
     for trial_id, mtime in finished_before.items():  # finished trials were not run again
         assert (trials / trial_id / "checkpoints" / "step=12.ckpt").stat().st_mtime == mtime
     uri = record["mlflow"]["tracking_uri"]
-    with tracking.LocalServer.start(tmp_path / "mlflow") as srv:
+    with LocalServer.start(tmp_path / "mlflow") as srv:
         parents, children = sweep_runs(srv.uri, "quickstart")
         client = MlflowClient(srv.uri)
         mine = [c for c in children
-                if c.data.tags[tracking.TAG_PARENT] == record["mlflow"]["parent_run_id"]]
+                if c.data.tags[TAG_PARENT] == record["mlflow"]["parent_run_id"]]
         assert len(parents) == 1 and len(mine) == 4, uri
-        assert sorted(c.data.tags[tracking.TAG_TRIAL] for c in mine) == sorted(
+        assert sorted(c.data.tags[TAG_TRIAL] for c in mine) == sorted(
             t["trial_id"] for t in record["trials"])
         for run in mine:
             assert _steps(client, run.info.run_id, "val/ari") == [4, 8, 12]

@@ -1,4 +1,5 @@
-"""orchestrator.tracking against one real MLflow server on 127.0.0.1 (started once per module)."""
+"""orchestrator.mlflow_server, .mlflow_runs and .trial_logger against one real MLflow server on
+127.0.0.1 (started once per module)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,22 @@ import torch
 from mlflow import MlflowClient
 
 from core.config import flatten, load_config
-from core.errors import SlotsweepError
-from core.train import train
-from orchestrator import tracking
-from orchestrator.tracking import (
-    ARTIFACT_CHECKPOINT,
-    ARTIFACT_CONFIG,
-    ARTIFACT_VISUALS,
+from core.errors import SlotsweepError, one_line
+from core.names import (
     TAG_GIT,
     TAG_KIND,
     TAG_PARENT,
     TAG_SWEEP,
     TAG_SWEEP_KEY,
     TAG_TRIAL,
-    LocalServer,
-    TrialLogger,
-    check_tracking_uri,
+    TRACKING_URI_ENV,
+)
+from core.train import train
+from orchestrator import mlflow_runs
+from orchestrator.mlflow_runs import (
+    ARTIFACT_CHECKPOINT,
+    ARTIFACT_CONFIG,
+    ARTIFACT_VISUALS,
     client_for,
     find_trial_run,
     finish_run,
@@ -39,9 +40,10 @@ from orchestrator.tracking import (
     get_or_create_sweep_run,
     get_or_create_trial_run,
     log_params,
-    resolve_tracking_uri,
     runs_of_sweep,
 )
+from orchestrator.mlflow_server import LocalServer, check_tracking_uri, resolve_tracking_uri
+from orchestrator.trial_logger import TrialLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,9 +105,12 @@ def test_check_tracking_uri_fails_one_line(uri, words):
 
 
 def test_resolve_tracking_uri(monkeypatch):
-    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    from mlflow.environment_variables import MLFLOW_TRACKING_URI
+
+    assert MLFLOW_TRACKING_URI.name == TRACKING_URI_ENV  # the variable MLflow itself reads
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
     assert resolve_tracking_uri(None) is None
-    monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://env:5000")
+    monkeypatch.setenv(TRACKING_URI_ENV, "http://env:5000")
     assert resolve_tracking_uri(None) == "http://env:5000"
     assert resolve_tracking_uri("http://cfg:5000") == "http://cfg:5000"
 
@@ -117,7 +122,7 @@ def test_deleted_experiment_is_an_error(client):
 
 
 def test_sweep_and_trial_runs_are_found_again(client, experiment, monkeypatch):
-    monkeypatch.setattr(tracking, "git_commit", lambda: "a" * 40)
+    monkeypatch.setattr(mlflow_runs, "git_commit", lambda: "a" * 40)
     sweep = get_or_create_sweep_run(client, experiment, "key-1", "my sweep", {"extra": "x"})
     tags = client.get_run(sweep).data.tags
     assert tags[TAG_KIND] == "sweep" and tags[TAG_SWEEP] == "my sweep"
@@ -214,6 +219,20 @@ def test_trial_logger_retries_then_warns_and_never_raises(capsys):
     assert broken.calls == 4  # paused after a failure: training is not stalled at every step
 
 
+def test_one_line_is_the_first_line_or_the_type():
+    assert one_line(ConnectionError("server went away\nsecond line")) == "server went away"
+    assert one_line(ValueError("  ")) == "ValueError" and len(one_line(OSError("x" * 999))) == 300
+
+
+def test_the_server_module_starts_without_mlflow():
+    """``slotsweep ui`` and the URI checks need no MLflow import: the server is a subprocess."""
+    code = ("import sys, orchestrator.mlflow_server\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_trial_logger_is_silent_on_other_ranks_and_between_log_steps():
     logger = TrialLogger("http://127.0.0.1:1", "run")
     logger._client = spy = _Broken(failures=0)
@@ -236,7 +255,7 @@ def test_server_start_failures_are_one_line(server, tmp_path):
 
 def test_server_dies_with_the_process_that_started_it(tmp_path):
     script = ("import sys, time\nfrom pathlib import Path\n"
-              "from orchestrator.tracking import LocalServer\n"
+              "from orchestrator.mlflow_server import LocalServer\n"
               "server = LocalServer.start(Path(sys.argv[1]))\n"
               "Path(sys.argv[2]).write_text(str(server.pid))\ntime.sleep(300)\n")
     pid_file = tmp_path / "pid"

@@ -1,0 +1,197 @@
+"""The MLflow server a sweep talks to: a private one (:class:`LocalServer`, SQLite + artifacts
+under :func:`mlflow_root`) when no tracking URI is configured, and the checks a configured URI
+must pass before a sweep starts (:func:`check_tracking_uri`, :func:`resolve_tracking_uri`)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from core.errors import SlotsweepError
+from core.names import MLFLOW_DIR_ENV, TRACKING_URI_ENV
+
+_DB_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores (optionally "+driver")
+_HTTP_ERRORS = (OSError, ValueError, http.client.HTTPException)  # urllib's, bad URLs too
+_LOG_MARK = "--- slotsweep: starting mlflow server"
+_ERROR_LINE = re.compile(r"^[\w.]+(Error|Exception)\b|\bERROR\b")
+
+
+def _urlopen(url: str, timeout: float):
+    """GET without proxies for the loopback (a proxy cannot reach our 127.0.0.1)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return opener.open(url, timeout=timeout)
+    return urllib.request.urlopen(url, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn``: SIGTERM the child when the thread that started it dies (Linux only).
+    libc is loaded here, in the parent: no dlopen between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class LocalServer:
+    """A private ``mlflow server`` (SQLite + proxied artifacts under ``root``) on 127.0.0.1.
+
+    It runs in its own process group and gets SIGTERM when the thread that started it dies, even
+    by SIGKILL (``PR_SET_PDEATHSIG``): start it from the main thread. MLflow's job runner (GenAI
+    jobs: seven huey processes that survive a SIGTERM) is off unless
+    ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is set.
+    """
+
+    def __init__(self, root: Path, port: int, process: subprocess.Popen) -> None:
+        self.root, self.port, self.process = root, port, process
+        self.uri, self.pid = f"http://127.0.0.1:{port}", process.pid
+
+    @classmethod
+    def start(cls, root: Path, port: int | None = None, timeout: float = 90) -> LocalServer:
+        """Start a server and wait until ``/health`` answers; SlotsweepError when it does not."""
+        root = Path(root).expanduser().resolve()
+        (root / "artifacts").mkdir(parents=True, exist_ok=True)
+        if port is None:
+            port = _free_port()
+        else:  # else /health may answer from another server while ours fails to bind
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError as exc:
+                    raise SlotsweepError(f"port {port} on 127.0.0.1 is not free ({exc.strerror}): "
+                                         "pick another port or leave it out") from None
+        cmd = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+        with open(root / "server.log", "a") as log:
+            log.write(f"{_LOG_MARK} on port {port}\n")
+            log.flush()
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       preexec_fn=_die_with_parent(), cwd=root)
+        server = cls(root, port, process)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                server.stop()
+                raise SlotsweepError(f"MLflow server in {root} exited with code "
+                                     f"{process.returncode}: {server.last_log_line()}")
+            with contextlib.suppress(*_HTTP_ERRORS), _urlopen(f"{server.uri}/health", 2) as answer:
+                if answer.status == 200:
+                    return server
+            time.sleep(0.25)
+        server.stop()
+        raise SlotsweepError(f"MLflow server in {root} did not answer on {server.uri} within "
+                             f"{timeout:.0f} s: {server.last_log_line()}")
+
+    def last_log_line(self) -> str:
+        """The last error line of this start in ``server.log``, else its last line."""
+        try:
+            text = (self.root / "server.log").read_text(errors="replace")
+        except OSError:
+            return "no server.log"
+        lines = [line.strip() for line in text.rsplit(_LOG_MARK, 1)[-1].splitlines()[1:]]
+        errors = [line for line in lines if _ERROR_LINE.search(line)]
+        last = (errors or [line for line in lines if line] or ["no output yet"])[-1]
+        return f"{last[:300]} (see {self.root / 'server.log'})"
+
+    def stop(self, grace: float = 10) -> None:
+        """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def mlflow_root() -> Path:
+    """Where the embedded MLflow server keeps its SQLite store and artifacts."""
+    return Path(os.environ.get(MLFLOW_DIR_ENV, Path.cwd() / "runs" / "mlflow")).resolve()
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast (one line) on a tracking URI a sweep would lose runs to or cannot reach.
+
+    Servers (http/https) must answer; absolute ``sqlite:////...`` and SQL databases pass (SQLite
+    says "database is locked" with many parallel trials: prefer a server); relative paths, file
+    stores and unknown schemes fail.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        base = uri.rstrip("/")
+        try:
+            try:
+                with _urlopen(f"{base}/health", timeout=5):
+                    return
+            except urllib.error.HTTPError:  # a proxy or an old server without /health
+                with _urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", 5):
+                    return
+        except _HTTP_ERRORS as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise SlotsweepError(f"MLflow tracking server {uri} is unreachable ({reason}): start "
+                                 f"it or fix mlflow.tracking_uri / {TRACKING_URI_ENV}") from None
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path.startswith("/"):
+            raise SlotsweepError(f"tracking URI {uri} is a relative (or in-memory) SQLite store: "
+                                 "Ray trials run in a temporary cwd and their runs would be "
+                                 "lost; use sqlite:////absolute/path.db or an MLflow server")
+        if not Path(path).parent.is_dir():
+            raise SlotsweepError(f"tracking URI {uri}: directory {Path(path).parent} does not "
+                                 "exist: create it or use an MLflow server")
+        return
+    if scheme.split("+")[0] in _DB_SCHEMES:
+        return
+    if scheme in ("", "file") or len(scheme) == 1:  # a path (or a Windows drive letter)
+        path = parts.path if scheme == "file" else uri
+        relative = "" if Path(path).is_absolute() else " and relative paths are lost in Ray trials"
+        raise SlotsweepError(f"tracking URI {uri} is a file store: it needs "
+                             f"MLFLOW_ALLOW_FILE_STORE=true, loses runs under concurrent "
+                             f"trials{relative}; use an MLflow server (http://...)")
+    raise SlotsweepError(f"tracking URI {uri} has an unsupported scheme {scheme!r}: use "
+                         "http(s)://host:port, sqlite:////absolute/path.db or postgresql://...")
+
+
+def resolve_tracking_uri(configured: str | None) -> str | None:
+    """The configured URI, else ``$MLFLOW_TRACKING_URI``, else None (start a LocalServer)."""
+    for value in (configured, os.environ.get(TRACKING_URI_ENV)):
+        if value and value.strip():
+            return value.strip()
+    return None
