@@ -176,7 +176,7 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     import time
 
     from core.config import load_config
-    from core.data.feature_cache import human_bytes
+    from core.data.feature_cache.reader import human_bytes
     from core.tools import cache_features
 
     cfg = load_config(args.config, list(args.overrides))
