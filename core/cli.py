@@ -173,7 +173,7 @@ def add_visualize(sub: argparse._SubParsersAction) -> None:
 
 def _cache_features(args: argparse.Namespace) -> int:
     from core.config import load_config
-    from core.data.feature_cache import human_bytes
+    from core.data.feature_cache.reader import human_bytes
     from core.tools import cache_features
 
     cfg = load_config(args.config, list(args.overrides))

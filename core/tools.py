@@ -128,11 +128,12 @@ def cache_features(cfg: Any, data_dir: str | Path | None = None, verify: bool = 
                    log: Any = None) -> Any:
     """``slotsweep cache-features``: build (or find and check) the frozen backbone's feature
     cache of ``cfg``'s dataset, both splits; returns the opened
-    :class:`core.data.feature_cache.FeatureCache`. ``verify`` re-hashes every shard.
+    :class:`core.data.feature_cache.reader.FeatureCache`. ``verify`` re-hashes every shard.
 
     Builds whatever ``feature_cache.mode`` says (it only decides what training does).
     """
-    from core.data.feature_cache import open_cache, refusal
+    from core.data.feature_cache.key import refusal
+    from core.data.feature_cache.reader import open_cache
     from core.models.build import build_encoder
     from core.train import feature_cache_for, make_datamodule
 

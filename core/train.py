@@ -46,7 +46,8 @@ def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, say: bool = Tr
                       log: Any = None) -> Any:
     """The run's feature cache (``feature_cache.mode``: ``build`` builds a missing one), or
     ``None``: the backbone runs on frames. Says what it decided."""
-    from core.data.feature_cache import ensure_cache, refusal
+    from core.data.feature_cache.build import ensure_cache
+    from core.data.feature_cache.key import refusal
 
     fc = cfg.feature_cache
     if fc.mode == "off" or encoder is None:

@@ -104,7 +104,7 @@ def _prepare_data(spec: specs.SweepSpec, resources: dict[str, float], stream: Te
     """Generated datasets are made, and the frozen backbone's feature cache built, once here:
     concurrent trials then only read them (trials with ``feature_cache.mode=auto`` find it)."""
     from core.config import load_config
-    from core.data.feature_cache import refusal
+    from core.data.feature_cache.key import refusal
     from core.data.prepare import ensure_synthetic
 
     cfg = load_config(spec.base, spec.overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.data.feature_cache import DIR_ENV
+from core.names import FEATURE_CACHE_ENV
 
 
 @pytest.fixture(autouse=True)
@@ -12,7 +12,7 @@ def _own_feature_cache(tmp_path, monkeypatch):
     """Each test starts with no feature cache: a sweep run earlier in the session builds one
     for the tiny config, which a later test reading frames must not pick up by accident.
     Tests that share a cache on purpose set ``feature_cache.dir``."""
-    monkeypatch.setenv(DIR_ENV, str(tmp_path / "feature-cache"))
+    monkeypatch.setenv(FEATURE_CACHE_ENV, str(tmp_path / "feature-cache"))
 
 
 @pytest.fixture(scope="module")

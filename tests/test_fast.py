@@ -15,8 +15,8 @@ import pytorch_lightning as pl
 import torch
 
 from core.config import load_config
-from core.data.feature_cache import DIR_ENV
 from core.errors import NonFiniteLossError
+from core.names import FEATURE_CACHE_ENV
 from core.train import train
 from core.training.checkpoint import read_checkpoint
 from core.training.fast import (
@@ -57,7 +57,8 @@ def runs(tmp_path_factory):
     fast, plain = Recorder(armed_steps=(1, 2)), Recorder()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLOTSWEEP_CACHE", _cache_dir(tmp_path_factory))
-        mp.setenv(DIR_ENV, str(root / "feature-cache"))  # frames, never a cache, in these runs
+        # frames, never a cache, in these runs
+        mp.setenv(FEATURE_CACHE_ENV, str(root / "feature-cache"))
         mp.delenv("SLOTSWEEP_NO_COMPILE", raising=False)
         result = train(load_config("tiny", [*quiet, *FAST]), [fast], run_dir=root / "fast",
                        progress_bar=False)

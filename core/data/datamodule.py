@@ -117,7 +117,7 @@ class VideoDataModule(pl.LightningDataModule):
         batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.features: Any = None  # a core.data.feature_cache.FeatureCache: see use_features
+        self.features: Any = None  # a core.data.feature_cache.reader.FeatureCache: see use_features
         self.features_on_gpu = "auto"
         cfg.validate()
         self.cfg = cfg
@@ -161,7 +161,7 @@ class VideoDataModule(pl.LightningDataModule):
 
     def _place_on_gpu(self, dataset: CachedClipDataset) -> bool:
         """Copy a cached split to the GPU when the config allows and it fits (once)."""
-        from core.data.feature_cache import fits_on_gpu, human_bytes
+        from core.data.feature_cache.reader import fits_on_gpu, human_bytes
 
         split = dataset.features
         if split.device_tensor is not None:
