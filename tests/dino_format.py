@@ -6,11 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-FAKE = "dino_test_vitt14"  # a tiny menagerie-style entry tests register (patch 14 like ViT-B/14)
+from core.models.menagerie import register_menagerie
+
+FAKE = "dino_test_vitt14"  # a tiny menagerie-style timm model (patch 14 like ViT-B/14)
 TINY = dict(patch_size=14, embed_dim=32, depth=2, num_heads=2)
+if not timm.is_model(FAKE):
+    register_menagerie(FAKE, "teacher", **TINY)
 
 
 def dino_head_state(dim: int, out_dim: int = 64, bottleneck: int = 16) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ def test_defaults_are_the_recipes():
     assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (100_000, 0.05)
     assert cfg.trainer.checkpoint_every == cfg.trainer.val_check_interval == 2500
     assert cfg.trainer.visualize_every == 5000
-    assert m.encoder.backbone.name == "TimmExtractor" and m.encoder.backbone.frozen
+    assert m.encoder.backbone.name == "TimmEncoder" and m.encoder.backbone.frozen
     assert m.encoder.backbone.model == "dino_say_vitb14"
     assert (m.grouper.name, m.grouper.inp_dim, m.grouper.slot_dim, m.grouper.n_iters) == (
         "SlotAttention", 128, 128, 3)

@@ -1,5 +1,6 @@
-"""Tests for core.models.encoder: menagerie checkpoint loading (real DINO format, random weights),
-checkpoint discovery, error messages, feature extraction and the frozen contract."""
+"""Tests for core.models.encoder and core.models.menagerie: the silicon-menagerie names as timm
+models, checkpoint loading (real DINO format, random weights), checkpoint discovery, error
+messages, feature extraction and the frozen contract."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from dino_format import FAKE, TINY, dino_head_state, write_dino_checkpoint  # noqa: F401
 from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
@@ -17,26 +19,22 @@ from timm.models.vision_transformer import VisionTransformer
 from core.baselines import position_r2
 from core.errors import ConfigError
 from core.models import encoder as enc_mod
-from core.models.encoder import (
-    ENCODERS,
-    MENAGERIE_ARCHS,
-    MenagerieArch,
-    TimmEncoder,
+from core.models.encoder import ENCODERS, TimmEncoder
+from core.models.menagerie import (
     load_menagerie_state_dict,
+    register_menagerie,
     resolve_checkpoint,
 )
 
-
-@pytest.fixture(autouse=True)
-def fake_arch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny menagerie-style entry (patch 14, like dino_say_vitb14) for fast tests."""
-    base = MENAGERIE_ARCHS["dino_say_vitb14"]
-    monkeypatch.setitem(MENAGERIE_ARCHS, FAKE, MenagerieArch({**base.vit, **TINY}, "teacher"))
+# tiny Mugs- and MAE-style entries (FAKE, the DINO one, is registered by dino_format)
+for _name, _entry in (("mugs_test_vitt14", "teacher"), ("mae_test_vitt14", "model")):
+    if not timm.is_model(_name):
+        register_menagerie(_name, _entry, **TINY)
 
 
 def tiny_vit(img_size: int = 224, **kw) -> VisionTransformer:
-    arch = {**MENAGERIE_ARCHS[FAKE].vit, **kw}
-    return VisionTransformer(img_size=img_size, **arch)
+    """The FAKE architecture (a tiny dino_say_vitb14), random weights, built by timm."""
+    return timm.create_model(FAKE, img_size=img_size, **kw)
 
 
 @pytest.fixture
@@ -83,7 +81,52 @@ def test_dino_say_vitb14_random_checkpoint_roundtrip(tmp_path: Path) -> None:
                                             intermediates_only=True)
     assert out.shape == (1, 256, 768)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
-    assert ENCODERS.get("TimmExtractor") is TimmEncoder
+    assert ENCODERS.get("TimmEncoder") is TimmEncoder
+
+
+# ----------------------------------------------------------------------------- timm registry
+
+
+PUBLISHED = {f"dino_{d}_vitb14" for d in ("say", "s", "a", "y", "imagenet100", "imagenet10",
+                                         "imagenet3", "imagenet1")} | {
+    f"{alg}_{d}_vit{size}16" for alg in ("dino", "mugs", "mae") for d in ("say", "s", "a", "y")
+    for size in "sbl"}
+
+
+def test_published_names_are_timm_models() -> None:
+    assert len(PUBLISHED) == 44 and set(timm.list_models(module="menagerie")) >= PUBLISHED
+    want = {"dino_say_vitb14": (14, 768, 12, 12), "mugs_a_vits16": (16, 384, 12, 6),
+            "mae_y_vitl16": (16, 1024, 24, 16)}
+    for name, (patch, dim, depth, heads) in want.items():
+        with torch.device("meta"):
+            vit = timm.create_model(name)
+        assert (vit.patch_embed.patch_size[0], vit.embed_dim, len(vit.blocks),
+                vit.blocks[0].attn.num_heads, vit.num_classes) == (patch, dim, depth, heads, 0)
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert not cfg.has_weights and cfg.origin_url.endswith(f"eminorhan/{name}")
+    with pytest.raises(RuntimeError, match="No pretrained weights"):  # nothing downloads
+        timm.create_model(FAKE, pretrained=True)
+
+
+def test_timm_create_model_loads_the_published_format(tiny_ckpt, tmp_path: Path) -> None:
+    """timm's own loading + the registered filter: DINO teacher, MAE model, pos_embed resampled."""
+    path, vit = tiny_ckpt
+    got = timm.create_model(FAKE, pretrained=True, img_size=112,
+                            pretrained_cfg_overlay=dict(file=str(path)))
+    want = resample_abs_pos_embed(vit.pos_embed.detach(), [8, 8], [16, 16], num_prefix_tokens=1)
+    torch.testing.assert_close(got.pos_embed.detach(), want)
+    for k, v in vit.state_dict().items():
+        assert k == "pos_embed" or torch.equal(got.state_dict()[k], v)
+    mae = tmp_path / "mae.pth"
+    torch.save({"model": vit.state_dict() | {"mask_token": torch.zeros(1, 1, 16),
+                                              "decoder_embed.weight": torch.zeros(16, 32)},
+                "epoch": 1, "args": argparse.Namespace(a=1)}, mae)
+    got = timm.create_model("mae_test_vitt14", pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(mae)))
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in vit.state_dict().items())
+    wrong = write_dino_checkpoint(tmp_path / "deeper.pth", tiny_vit(depth=3))
+    with pytest.raises(ConfigError, match=f"{wrong} does not fit model {FAKE}"):
+        timm.create_model(FAKE, pretrained=True, pretrained_cfg_overlay=dict(file=str(wrong)))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -234,6 +277,12 @@ def test_timm_model_from_checkpoint_file(tmp_path: Path) -> None:
     enc = TimmEncoder("vit_tiny_patch16_224", checkpoint=str(path), **kw)
     assert enc.weights_hash() == src.weights_hash()
     assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 4, 32)
+    deeper = tmp_path / "deeper.pth"  # timm's load_checkpoint with the strict filter
+    torch.save(TimmEncoder("vit_tiny_patch16_224", weights="random", **{**kw, "depth": 3})
+               .vit.state_dict(), deeper)
+    msg = one_line_error("does not fit model vit_tiny_patch16_224", TimmEncoder,
+                         "vit_tiny_patch16_224", checkpoint=str(deeper), **kw)
+    assert str(deeper) in msg and "blocks.2." in msg
 
 
 # ----------------------------------------------------------------------------- features
@@ -254,6 +303,17 @@ def test_features_match_manual_computation(tiny_ckpt, layer) -> None:
             full = blk(full)
     assert full.shape[1] == 257 and torch.allclose(out, full[:, 1:], atol=1e-5)
     assert not torch.allclose(out, enc.vit.norm(out), atol=1e-3)
+
+
+def test_plain_vit_is_timm_vision_transformer_defaults() -> None:
+    """model=vit (built as timm's ViT-B/16 entry) == VisionTransformer(**overrides), same draws."""
+    kw = dict(patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    enc = TimmEncoder("vit", weights="random", img_size=32, **kw)
+    torch.manual_seed(0)
+    want = VisionTransformer(img_size=32, num_classes=0, **kw).state_dict()
+    got = enc.vit.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], v) for k, v in want.items())
 
 
 def test_registers_are_dropped_too() -> None:
@@ -320,10 +380,7 @@ def test_weights_hash(tiny_ckpt) -> None:
     assert TimmEncoder(FAKE, weights="random").weights_hash() != h
 
 
-def test_mugs_and_mae_layouts(tmp_path: Path, monkeypatch) -> None:
-    base = MENAGERIE_ARCHS[FAKE].vit
-    monkeypatch.setitem(MENAGERIE_ARCHS, "mugs_test_vitt14", MenagerieArch(base, "teacher"))
-    monkeypatch.setitem(MENAGERIE_ARCHS, "mae_test_vitt14", MenagerieArch(base, "model"))
+def test_mugs_and_mae_layouts(tmp_path: Path) -> None:
     vit = tiny_vit()
     sd = vit.state_dict()
     mugs = {f"backbone.{k}": v for k, v in sd.items()} | {

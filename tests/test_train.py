@@ -321,16 +321,12 @@ def test_slot_grid_rows():
     assert float(full.min()) >= 0.0 and float(full.max()) <= 1.0
 
 
-def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path, monkeypatch):
-    from dino_format import FAKE, TINY, write_dino_checkpoint
-    from timm.models.vision_transformer import VisionTransformer
+def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path):
+    import timm
+    from dino_format import FAKE, write_dino_checkpoint  # registers FAKE with timm
 
-    from core.models.encoder import MENAGERIE_ARCHS, MenagerieArch
-
-    base = MENAGERIE_ARCHS["dino_say_vitb14"]
-    monkeypatch.setitem(MENAGERIE_ARCHS, FAKE, MenagerieArch({**base.vit, **TINY}, "teacher"))
     torch.manual_seed(7)
-    vit = VisionTransformer(img_size=224, **{**base.vit, **TINY})
+    vit = timm.create_model(FAKE)
     weights = write_dino_checkpoint(tmp_path / f"{FAKE}.pth", vit)
     overrides = [f"globals.SAYCAM_MODEL={FAKE}", "model.encoder.backbone.weights=pretrained",
                  f"model.encoder.backbone.checkpoint={weights}", "model.encoder.backbone.vit={}"]
@@ -344,7 +340,7 @@ def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path, monkey
     (tmp_path / "other").mkdir()
     torch.manual_seed(8)  # other weights (train() leaves the global RNG in a fixed state)
     other = write_dino_checkpoint(tmp_path / "other" / f"{FAKE}.pth",
-                                  VisionTransformer(img_size=224, **{**base.vit, **TINY}))
+                                  timm.create_model(FAKE))
     swapped = [*overrides[:2], f"model.encoder.backbone.checkpoint={other}", overrides[3]]
     same_file = r"point model\.encoder\.backbone\.checkpoint at the same"
     with pytest.raises(SlotsweepError, match=same_file):

@@ -47,7 +47,7 @@ class TrainerConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "TimmExtractor"
+    name: str = "TimmEncoder"
     model: str = II("globals.SAYCAM_MODEL")
     frozen: bool = True
     weights: str = "pretrained"  # pretrained | random
