@@ -138,7 +138,7 @@ def train_and_record(cfg: Any, run_dir: Path, minutes: float | None) -> dict[str
     """A real training run; val FG-ARI / mBO at every validation, with the elapsed time."""
     import pytorch_lightning as pl
 
-    from core.metrics import METRIC_ARI, METRIC_MBO
+    from core.names import METRIC_ARI, METRIC_MBO
     from core.train import train
     from core.training.module import VAL_LOSS
 

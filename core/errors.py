@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 
-def one_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (at most 300 characters), else its type's name."""
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), else its type's name."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    return (text[0] if text else type(exc).__name__)[:limit]
 
 
 class SlotsweepError(Exception):

@@ -28,8 +28,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from core.names import METRIC_ARI, METRIC_MBO
+from core.registry import Registry
 
 MATCHINGS = ("overlap", "hungarian")
+METRICS = Registry("val_metrics")
 
 
 def _check_ids(pred: Tensor, true: Tensor) -> None:
@@ -227,6 +229,7 @@ class _VideoMean:
         return f"{type(self).__name__}(name={self.name!r}, videos={self._count})"
 
 
+@METRICS.register()
 class VideoARI(_VideoMean):
     """Accumulating video FG-ARI (``fg_ari``), logged as ``METRIC_ARI``.
 
@@ -243,6 +246,7 @@ class VideoARI(_VideoMean):
         return fg_ari(pred, true, ignore_background=self.ignore_background)
 
 
+@METRICS.register()
 class VideoIoU(_VideoMean):
     """Accumulating video mBO (``mbo``), logged as ``METRIC_MBO``; videos without objects skipped.
 

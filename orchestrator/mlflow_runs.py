@@ -19,13 +19,13 @@ from mlflow.entities import Param, Run, RunTag
 
 from core.errors import SlotsweepError
 from core.names import TAG_GIT, TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_SWEEP_KEY, TAG_TRIAL
+from orchestrator import PROJECT_DIR
 
 ARTIFACT_CONFIG = "config"  # a run's artifact folders
 ARTIFACT_VISUALS = "visualizations"
 ARTIFACT_CHECKPOINT = "checkpoints"
 PARAM_CHANGED_PREFIX = "param_changed."
 MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, BATCH = 250, 6000, 8000, 100  # MLflow's limits
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def quiet_mlflow() -> None:

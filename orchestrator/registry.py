@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 
-from core.errors import SlotsweepError
+from core.errors import SlotsweepError, one_line
 from core.names import BEST_JSON, CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME
 from core.training.callbacks import checkpoint_path
+from orchestrator import PROJECT_DIR
 from orchestrator.mlflow_runs import client_for, quiet_mlflow
 from orchestrator.mlflow_server import (
     LocalServer,
@@ -25,7 +26,7 @@ from orchestrator.mlflow_server import (
     resolve_tracking_uri,
 )
 
-CORE_DIR = Path(__file__).resolve().parents[1] / "core"
+CORE_DIR = PROJECT_DIR / "core"
 MODEL_NAME = "model"  # artifact name of the logged MLflow model inside the trial's run
 OUTPUT_KEYS = ("slots", "masks", "attn_masks")
 
@@ -204,7 +205,7 @@ def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",
 
 
 def _registry_error(uri: str, exc: MlflowException) -> str:
-    text = str(exc).splitlines()[0][:200]
+    text = one_line(exc, 200)
     if "registry" in text.lower() or "not supported" in text.lower():
         return (f"the MLflow store at {uri} has no model registry ({text}): use a database-backed "
                 "store (the embedded SQLite server, or a server on Postgres)")

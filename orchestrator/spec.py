@@ -29,14 +29,15 @@ from omegaconf.errors import (
 )
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
-from core.config.load import _leaf_keys, normalize_key, parse_override, suggest_key
+from core.config.load import leaf_keys, normalize_key, parse_override, suggest_key
 from core.config.schema import MODEL_KEYS, TOP_LEVEL_KEYS
-from core.errors import ConfigError
+from core.errors import ConfigError, one_line
 from core.hashing import json_digest
 from core.names import METRIC_ARI
+from orchestrator import PROJECT_DIR
 from orchestrator.spec_check import node_at, suggest, validate
 
-SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+SWEEP_DIR = PROJECT_DIR / "sweeps"
 DEFAULT_STORAGE = Path("runs") / "sweeps"
 
 
@@ -105,7 +106,7 @@ _KINDS = {IntegerNode: "an int", FloatNode: "a number", StringNode: "a string",
 
 
 def _field_keys() -> list[str]:
-    return list(_leaf_keys(OmegaConf.structured(SweepSpec)))
+    return list(leaf_keys(OmegaConf.structured(SweepSpec)))
 
 
 def _explain(exc: OmegaConfBaseException, key: str) -> ConfigError:
@@ -119,8 +120,7 @@ def _explain(exc: OmegaConfBaseException, key: str) -> ConfigError:
     if isinstance(exc, ValidationError) and node is not None:
         kind = _KINDS.get(type(node), "another type")
         return ConfigError(f"sweep field {key} must be {kind}, got {exc.value!r}")
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ConfigError(f"sweep field {key}: {message}")
+    return ConfigError(f"sweep field {key}: {one_line(exc)}")
 
 
 def _set(cfg: DictConfig, key: str, value: Any, text: str | None = None) -> None:

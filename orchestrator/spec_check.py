@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.config import Config, compose, find_config, load_config, to_config
-from core.config.load import CONFIG_DIR, _leaf_keys, normalize_key, suggest_key
+from core.config.load import CONFIG_DIR, leaf_keys, normalize_key, suggest_key
 from core.errors import ConfigError
 from core.names import TRAIN_LOSS, VAL_LOSS
 
@@ -163,7 +163,7 @@ def _check_search(spec: SweepSpec, composed: DictConfig) -> None:
              "algorithm optuna needs a search: add search: {key: {distribution: args}}")
     for key, dist in spec.search.items():
         node = node_at(composed, key)
-        hint = "" if node is not None else (suggest(key, list(_leaf_keys(composed)))
+        hint = "" if node is not None else (suggest(key, list(leaf_keys(composed)))
                                             or suggest_key(key))
         _require(node is not None, f"search key {key!r} is not a config key{hint}")
         _require(key != "seed", "search key 'seed' is set per trial (sweep seed + trial index)")

@@ -34,10 +34,10 @@ from typing import Any, TextIO
 
 from core.errors import SlotsweepError, one_line
 from core.names import TAG_SWEEP, TRACKING_URI_ENV
+from orchestrator import PROJECT_DIR
 from orchestrator import spec as specs
 from orchestrator.mlflow_server import check_tracking_uri, resolve_tracking_uri
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 # Never uploaded: the venv, local results and caches (the working_dir limit is 100 MiB).
 EXCLUDES = [".venv", "runs", "logs", ".git", "*.ckpt", "mlruns", "mlflow.db", "__pycache__"]
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
@@ -118,8 +118,7 @@ def _reason(exc: BaseException) -> str:
         return found[-1].strip()
     if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
         return "timed out"
-    line = (text.strip().splitlines() or [type(exc).__name__])[0]
-    return line[:200]
+    return one_line(exc, 200)
 
 
 def _rejected(address: str) -> SlotsweepError:

@@ -129,6 +129,30 @@ def test_the_loss_table_is_what_the_loss_classes_take():
         assert set(takes) == settings & set(LOSSES.takes(name)), name
 
 
+def test_metric_settings_table_matches_the_metric_classes():
+    from dataclasses import fields
+
+    from core.config.schema import METRIC_SETTINGS, MetricConfig
+    from core.metrics import METRICS
+
+    settings = {f.name for f in fields(MetricConfig)} - {"name"}
+    assert set(METRIC_SETTINGS) == set(METRICS.names)
+    for name, takes in METRIC_SETTINGS.items():
+        assert set(takes) == settings & set(METRICS.takes(name)), name
+
+
+def test_every_metric_setting_reaches_its_class():
+    cfg = load_config("tiny", ["val_metrics.mbo.matching=hungarian",
+                               "val_metrics.ari.ignore_background=false"])
+    from core.training.module import SlotModule
+
+    metrics = SlotModule(cfg).metrics
+    assert (metrics["mbo"].matching, metrics["ari"].ignore_background) == ("hungarian", False)
+    with pytest.raises(ConfigError, match=r"val_metrics\.ari\.name='VideoAri' is not one of "
+                                          r"VideoARI, VideoIoU"):
+        load_config("tiny", ["val_metrics.ari.name=VideoAri"])
+
+
 def test_every_loss_setting_reaches_its_class():
     cfg = load_config("tiny", ["model.losses.loss_ss.batch_contrast=false",
                                "losses.loss_ss.temperature=0.25"])

@@ -17,12 +17,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.config.schema import (
     LOSS_SETTINGS,
+    METRIC_SETTINGS,
     MODEL_KEYS,
     TOP_LEVEL_KEYS,
     Config,
     loss_settings,
 )
-from core.errors import ConfigError
+from core.errors import ConfigError, one_line
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRECISIONS = {
@@ -51,17 +52,18 @@ def find_config(path: str | Path) -> Path:
     )
 
 
-def _leaf_keys(node: Any, prefix: str = "") -> Iterator[str]:
+def leaf_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every dotted leaf key of an OmegaConf node (interpolations left unresolved)."""
     if isinstance(node, DictConfig):
         for key in node:
             child = node._get_node(key)  # no interpolation resolution while walking
             path = f"{prefix}{key}"
             yield path
-            yield from _leaf_keys(child, path + ".")
+            yield from leaf_keys(child, path + ".")
 
 
 def _valid_keys() -> list[str]:
-    return list(_leaf_keys(OmegaConf.structured(Config)))
+    return list(leaf_keys(OmegaConf.structured(Config)))
 
 
 def suggest_key(key: str) -> str:
@@ -86,7 +88,7 @@ def normalize_key(key: str) -> str:
 
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = one_line(exc)
     if type(exc).__name__ in ("ConfigKeyError", "ConfigAttributeError", "KeyValidationError"):
         return ConfigError(f"unknown config key {key!r} in {source}{suggest_key(key)}")
     return ConfigError(f"config key {key or '?'} in {source}: {message}")
@@ -108,8 +110,7 @@ def compose(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Di
         try:
             loaded = OmegaConf.load(file)
         except Exception as exc:  # YAML syntax errors come in many types
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"config file {file} is not valid YAML: {first}") from None
+            raise ConfigError(f"config file {file} is not valid YAML: {one_line(exc)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {file} must hold a mapping of keys, not a list")
         try:
@@ -215,8 +216,9 @@ def validate(cfg: Config) -> None:
                 f"frames: use ep_length >= 2 or set model.loss_weights.{name}=0",
             )
     for name, metric in cfg.val_metrics.items():
-        _require(metric.name in ("VideoARI", "VideoIoU"),
-                 f"val_metrics.{name}.name={metric.name!r} is not one of VideoARI, VideoIoU")
+        _require(metric.name in METRIC_SETTINGS,
+                 f"val_metrics.{name}.name={metric.name!r} is not one of "
+                 f"{', '.join(METRIC_SETTINGS)}")
         if metric.name == "VideoIoU":
             _require((metric.matching or "overlap") in ("overlap", "hungarian"),
                      f"val_metrics.{name}.matching must be overlap or hungarian")

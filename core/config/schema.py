@@ -188,6 +188,21 @@ class MetricConfig:
     matching: str | None = None  # VideoIoU: overlap | hungarian
 
 
+# Each validation metric class (core.metrics.METRICS) by name, with the MetricConfig settings it
+# takes, so that a config is checked without importing torch; tests/core/test_config.py holds this
+# to the constructors.
+METRIC_SETTINGS: dict[str, tuple[str, ...]] = {
+    "VideoARI": ("ignore_background",),
+    "VideoIoU": ("matching", "ignore_background"),
+}
+
+
+def metric_settings(metric: MetricConfig) -> dict[str, Any]:
+    """The settings a metric block gives its class: those it takes that are set."""
+    return {k: getattr(metric, k) for k in METRIC_SETTINGS[metric.name]
+            if getattr(metric, k) is not None}
+
+
 def _default_metrics() -> dict[str, MetricConfig]:
     return {
         "ari": MetricConfig(name="VideoARI", ignore_background=True),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from core.config import Config
-from core.errors import ConfigError
+from core.errors import ConfigError, one_line
 
 # Sections whose change means "a new stage" on --continue (fresh optimizer) rather than a resume.
 STAGE_SECTIONS = ("model", "optimizer", "globals")
@@ -28,9 +28,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise ConfigError(f"checkpoint {path} is corrupt or not a slotsweep checkpoint "
-                          f"({first}): use another checkpoint") from None
+                          f"({one_line(exc, 160)}): use another checkpoint") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"checkpoint {path} has no state_dict: not a slotsweep checkpoint")
     return ckpt

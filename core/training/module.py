@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from core.config import Config
+from core.config.schema import metric_settings
 from core.data.clips import MASKS_KEY, VIDEO_KEY
 from core.errors import NonFiniteLossError, SlotsweepError
-from core.metrics import METRIC_ARI, METRIC_MBO, VideoARI, VideoIoU
+from core.metrics import METRICS
 from core.models.build import build_losses, build_model
 from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTION
-from core.names import TRAIN_LOSS, TRAIN_LR, VAL_LOSS
+from core.names import METRIC_ARI, METRIC_MBO, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
 from core.training.fast import TOTAL_TERM, CompiledStep, DeferredFiniteCheck
 
 ENCODER_PREFIX = "model.encoder."
@@ -96,12 +97,8 @@ class SlotModule(pl.LightningModule):
         self.model = build_model(cfg)
         self.losses = build_losses(cfg)
         self.weights = {k: float(w) for k, w in cfg.model.loss_weights.items() if w > 0}
-        self.metrics = {
-            name: VideoARI(m.ignore_background)
-            if m.name == "VideoARI"
-            else VideoIoU(m.matching or "overlap", m.ignore_background)
-            for name, m in cfg.val_metrics.items()
-        }
+        self.metrics = {name: METRICS.build(m.name, **metric_settings(m))
+                        for name, m in cfg.val_metrics.items()}
         self._val_loss = [0.0, 0]
         self.last_visual: dict[str, Tensor] | None = None
         self._weights_hash: str | None = None
