@@ -78,8 +78,8 @@ def score(cfg: Any, checkpoint: str | None = None) -> dict[str, Any]:
     import torch
 
     from core.baselines import kmeans_masks, patch_oracle_masks, position_r2, stripe_masks
-    from core.data.clips import MASKS_KEY
     from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES
+    from core.names import MASKS_KEY
     from core.train import feature_cache_for, make_datamodule
     from core.training.checkpoint import load_into
     from core.training.module import SlotModule

@@ -100,7 +100,7 @@ def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
     import numpy as np
     from PIL import Image
 
-    from core.data.clips import MASKS_KEY
+    from core.names import MASKS_KEY
     from core.training.callbacks import slot_grid
 
     cfg, module = load_trained(checkpoint)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from core.config import RESOLVED_CONFIG_NAME, Config, save_config
+from core.config import Config, save_config
 from core.errors import ConfigError
-from core.names import CHECKPOINTS_DIRNAME
+from core.names import CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME
 from core.training.checkpoint import load_weights, read_checkpoint, stage_of
 from core.training.trainer import build_trainer, is_rank_zero, prepare_process, run_dir_for
 

@@ -13,12 +13,13 @@ from PIL import Image
 
 from core.cli import error_line
 from core.data import layout
-from core.data.clips import IMAGENET_MEAN, IMAGENET_STD, MASKS_KEY, VIDEO_KEY, ClipDataset
+from core.data.clips import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
 from core.data.config import DatasetConfig, resolve_paths
 from core.data.datamodule import VideoDataModule, backbone_normalization, load_records
 from core.data.records import read_index, scan_folders
 from core.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from core.errors import ConfigError, DataError
+from core.names import MASKS_KEY, VIDEO_KEY
 from orchestrator.cli import main
 
 SIZE = 32

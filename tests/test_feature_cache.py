@@ -17,13 +17,13 @@ import torch
 
 from core.cli import train_main
 from core.config import load_config
-from core.data.clips import FEATURES_KEY, VIDEO_KEY
 from core.data.config import FeatureCacheConfig
 from core.data.feature_cache.build import ensure_cache
 from core.data.feature_cache.key import MANIFEST, CacheError, folder_name, key_inputs
 from core.data.feature_cache.reader import open_cache
 from core.errors import ConfigError
 from core.models.build import build_encoder
+from core.names import FEATURES_KEY, VIDEO_KEY
 from core.tools import cache_features
 from core.train import make_datamodule, train
 

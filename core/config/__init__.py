@@ -12,10 +12,8 @@ from core.config.load import (
     validate,
 )
 from core.config.schema import Config
-from core.names import RESOLVED_CONFIG_NAME
 
 __all__ = [
-    "RESOLVED_CONFIG_NAME",
     "Config",
     "compose",
     "config_to_yaml",

@@ -12,12 +12,11 @@ from torch import Tensor, nn
 
 from core.config import Config
 from core.config.schema import metric_settings
-from core.data.clips import MASKS_KEY, VIDEO_KEY
 from core.errors import NonFiniteLossError, SlotsweepError
 from core.metrics import METRICS
 from core.models.build import build_losses, build_model
 from core.models.video import ATTN_MASKS, DECODER_MASKS, FEATURES, RECONSTRUCTION
-from core.names import METRIC_ARI, METRIC_MBO, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
+from core.names import MASKS_KEY, METRIC_ARI, METRIC_MBO, TRAIN_LOSS, TRAIN_LR, VAL_LOSS, VIDEO_KEY
 from core.training.fast import TOTAL_TERM, CompiledStep, DeferredFiniteCheck
 
 ENCODER_PREFIX = "model.encoder."
