@@ -126,7 +126,7 @@ class LossConfig:
 
 
 # Each loss class (core.losses) by name, with the LossConfig settings it takes, so that a config
-# is checked without importing torch; tests/test_config.py holds this to the constructors.
+# is checked without importing torch; tests/core/test_config.py holds this to the constructors.
 LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
     "MSELoss": (),
     "FeatureReconstruction": (),

@@ -18,7 +18,7 @@ from core.names import TAG_FEATURE_CACHE
 from orchestrator.cli import main
 from orchestrator.mlflow_server import LocalServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
 
 

@@ -24,7 +24,7 @@ from orchestrator.search import (
 from orchestrator.spec import load_sweep, sweep_key, to_dict, to_yaml
 from orchestrator.spec_check import check_cluster, grid_size
 
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 QUICK = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
 
 

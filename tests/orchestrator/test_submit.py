@@ -28,7 +28,7 @@ from orchestrator import submit as sub
 from orchestrator.cli import main
 from orchestrator.mlflow_server import _die_with_parent, _free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the job's `python`
 QUICKSTART = "sweeps/quickstart.yaml"
 RUN_SWEEP = ROOT / "docker" / "run_sweep.py"

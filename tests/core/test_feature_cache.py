@@ -27,7 +27,7 @@ from core.names import FEATURES_KEY, VIDEO_KEY
 from core.tools import cache_features
 from core.train import make_datamodule, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,7 @@ from orchestrator.mlflow_runs import (
 from orchestrator.mlflow_server import LocalServer, check_tracking_uri, resolve_tracking_uri
 from orchestrator.trial_logger import TrialLogger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

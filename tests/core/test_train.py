@@ -199,7 +199,7 @@ def test_fine_tune_strategy_trains_the_backbone_with_its_own_lr():
 
 
 def test_learning_rate_schedule():
-    """Named steps of the published schedule: tests/test_parity.py; here the Lightning wiring:
+    """Named steps of the published schedule: tests/core/test_parity.py; here the Lightning wiring:
     the optimizer's lr follows lr_lambda step by step."""
     cfg = load_config("tiny", ["optimizer.warmup_steps=4", "optimizer.decay_steps=12"])
     module = SlotModule(cfg)
