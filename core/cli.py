@@ -211,12 +211,7 @@ def _make_data(args: argparse.Namespace) -> int:
     from core.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
     try:
-        spec = SyntheticSpec(
-            n_frames=args.frames, size=args.size, min_objects=args.min_objects,
-            max_objects=args.max_objects, digits=args.digits,
-            textured_background=args.textured_background, min_size=args.min_size,
-            max_size=args.max_size, colors=args.colors, max_speed=args.max_speed,
-        )
+        spec = SyntheticSpec.from_options(args)
         last = [-1]
 
         def progress(done: int, total: int) -> None:

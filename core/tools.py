@@ -44,8 +44,9 @@ def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
 def _clips(cfg: Any, data_dir: str | Path | None, split: str, batch_size: int | None):
     from core.data.clips import ClipDataset
     from core.data.config import resolve_paths
-    from core.data.datamodule import backbone_normalization, load_records
+    from core.data.datamodule import load_records
     from core.data.prepare import ensure_synthetic
+    from core.models.encoder import backbone_normalization
 
     dataset = cfg.dataset
     if data_dir is not None:  # the checkpoint's paths are absolute: a new root replaces them

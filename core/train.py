@@ -30,8 +30,9 @@ def make_datamodule(cfg: Config, data_dir: str | Path | None) -> tuple[Config, A
     Returns the config with absolute dataset paths and its set-up ``VideoDataModule``.
     """
     from core.data.config import resolve_paths
-    from core.data.datamodule import VideoDataModule, backbone_normalization
+    from core.data.datamodule import VideoDataModule
     from core.data.prepare import ensure_synthetic
+    from core.models.encoder import backbone_normalization
 
     data_dir = ensure_synthetic(cfg.dataset, data_dir) or data_dir
     cfg = replace(cfg, dataset=resolve_paths(cfg.dataset, data_dir))

@@ -21,34 +21,6 @@ from core.data.config import DatasetConfig
 from core.data.records import VideoRecord, check_records, read_index, scan_folders
 from core.errors import ConfigError
 
-# silicon-menagerie checkpoints (dino_*, mugs_*, mae_*) were trained with ImageNet statistics.
-_MENAGERIE_PREFIXES = ("dino_", "mugs_", "mae_", "vqgan_")
-
-
-def backbone_normalization(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std the backbone was trained with, read from timm's pretrained config.
-
-    silicon-menagerie models (``dino_say_vitb14`` ...) are not in timm's registry; they use
-    ImageNet statistics. ``None`` (a random-weight backbone) also gets ImageNet statistics.
-    """
-    if name is None or name.startswith(_MENAGERIE_PREFIXES):
-        return IMAGENET_MEAN, IMAGENET_STD
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        try:
-            from timm.models import get_arch_name
-
-            cfg = get_pretrained_cfg(get_arch_name(name))
-        except (RuntimeError, ValueError):  # pragma: no cover - depends on timm's registry
-            cfg = None
-    if cfg is None:
-        raise ConfigError(
-            f"backbone {name!r} is unknown to timm: set dataset.mean and dataset.std explicitly"
-        )
-    return tuple(cfg.mean), tuple(cfg.std)
-
 
 def load_records(cfg: DatasetConfig, split: str) -> list[VideoRecord]:
     """The videos of one split, checked so that training cannot fail on them later."""

@@ -33,6 +33,7 @@ names the same object in every frame of its video. ``objects`` carries per-objec
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,18 @@ def frame_name(index: int, suffix: str) -> str:
     return f"{index:06d}{suffix}"
 
 
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically: a temporary sibling named after this
+    process, then a rename, so a reader never sees half a file and two writers never share one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
 def write_index(json_dir: str | Path, split: str, videos: Sequence[dict[str, Any]]) -> Path:
     """Write ``<json_dir>/<split>.json`` atomically and return its path."""
     json_dir = Path(json_dir)
     json_dir.mkdir(parents=True, exist_ok=True)
     path = json_dir / f"{split}.json"
-    tmp = path.with_suffix(".json.tmp")
-    payload = {"format": FORMAT_VERSION, "split": split, "videos": list(videos)}
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    write_json(path, {"format": FORMAT_VERSION, "split": split, "videos": list(videos)})
     return path

@@ -55,12 +55,7 @@ def ensure_synthetic(cfg: DatasetConfig, data_dir: str | Path | None) -> Path | 
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         try:
-            gen = SyntheticSpec(
-                n_frames=spec.frames, size=spec.size, min_objects=spec.min_objects,
-                max_objects=spec.max_objects, digits=spec.digits,
-                textured_background=spec.textured_background, min_size=spec.min_size,
-                max_size=spec.max_size, colors=spec.colors, max_speed=spec.max_speed,
-            )
+            gen = SyntheticSpec.from_options(spec)
             write_synthetic_dataset(tmp / "d", spec.videos, gen, seed=spec.seed,
                                     val_fraction=spec.val_fraction, image_format="png")
         except ValueError as exc:

@@ -5,6 +5,9 @@ moving at constant velocity, bouncing off the frame border and occluding each ot
 depth order. Masks hold persistent instance ids (1..n, 0 = background) and agree exactly with the
 frames: every pixel of id ``k`` has object ``k``'s colour. ``write_synthetic_dataset`` writes the
 layout described in :mod:`core.data.layout`.
+
+One file of about 360 lines on purpose: the spec, the renderer and the writer are one job (what
+a generated dataset is), and every part reads the same constants.
 """
 
 from __future__ import annotations
@@ -75,6 +78,14 @@ class SyntheticSpec:
     max_size: float = 0.3
     max_speed: float | None = None
     colors: int | None = None
+
+    @classmethod
+    def from_options(cls, options: Any) -> SyntheticSpec:
+        """The spec named by ``options``' attributes: the ``make-data`` command's flags or a
+        config's ``dataset.synthetic`` block (both spell the frame count ``frames``)."""
+        names = ("size", "min_objects", "max_objects", "digits", "textured_background",
+                 "min_size", "max_size", "colors", "max_speed")
+        return cls(n_frames=options.frames, **{n: getattr(options, n) for n in names})
 
     def __post_init__(self) -> None:
         if isinstance(self.shapes, str):

@@ -18,6 +18,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import build_sincos2d_pos_embed
 from timm.models import load_checkpoint
 from torch import Tensor, nn
@@ -232,3 +233,27 @@ class TimmEncoder(nn.Module):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def backbone_normalization(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the backbone was trained with, read from timm's pretrained config.
+
+    The silicon-menagerie names are registered with timm (:mod:`core.models.menagerie`) with
+    ImageNet statistics, as their checkpoints were trained. ``None`` (a random-weight backbone)
+    also gets ImageNet statistics.
+    """
+    if name is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    from timm.models import get_arch_name, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        try:
+            cfg = get_pretrained_cfg(get_arch_name(name))
+        except (RuntimeError, ValueError):  # pragma: no cover - depends on timm's registry
+            cfg = None
+    if cfg is None:
+        raise ConfigError(
+            f"backbone {name!r} is unknown to timm: set dataset.mean and dataset.std explicitly"
+        )
+    return tuple(cfg.mean), tuple(cfg.std)

@@ -15,10 +15,11 @@ from core.cli import error_line
 from core.data import layout
 from core.data.clips import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
 from core.data.config import DatasetConfig, resolve_paths
-from core.data.datamodule import VideoDataModule, backbone_normalization, load_records
+from core.data.datamodule import VideoDataModule, load_records
 from core.data.records import read_index, scan_folders
 from core.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from core.errors import ConfigError, DataError
+from core.models.encoder import backbone_normalization
 from core.names import MASKS_KEY, VIDEO_KEY
 from orchestrator.cli import main
 
@@ -175,6 +176,8 @@ def test_frame_folders_with_split_subfolders_and_natural_order(tmp_path):
 
 def test_backbone_normalization_comes_from_the_backbone():
     assert backbone_normalization("dino_say_vitb14") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert backbone_normalization("mugs_say_vitb16") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert backbone_normalization(None) == (IMAGENET_MEAN, IMAGENET_STD)
     mean, _ = backbone_normalization("vit_base_patch16_clip_224.openai")
     assert mean[0] == pytest.approx(0.48145466)
     with pytest.raises(ConfigError, match="unknown to timm"):

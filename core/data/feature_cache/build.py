@@ -31,7 +31,8 @@ from core.data.feature_cache.key import (
     folder_name,
     key_inputs,
 )
-from core.data.feature_cache.reader import FeatureCache, open_cache, write_json
+from core.data.feature_cache.reader import FeatureCache, open_cache
+from core.data.layout import write_json
 from core.hashing import file_digest
 
 COLUMN = "features"  # the one column of every shard

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from core.data.feature_cache.key import DTYPES, FORMAT, MANIFEST, CacheError
+from core.data.layout import write_json
 from core.hashing import file_digest
 
 VERIFIED = "verified.json"  # in the cache folder: shard -> [size, mtime] when last digested
@@ -204,13 +205,6 @@ def open_cache(root: str | Path, inputs: dict[str, Any] | None = None,
     except (KeyError, TypeError, IndexError) as exc:
         raise CacheError(f"{root}/{MANIFEST} is malformed ({type(exc).__name__}: {exc})") from None
     return FeatureCache(root, manifest, splits)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (a temporary sibling, then a rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
