@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import SlotsweepError
+from core.paths import given_dir, writable_dir
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -50,13 +51,34 @@ def parse_args(
     return args
 
 
+# Folders every command may be given, by argparse destination: written to, or read (a dataset).
+WRITTEN_DIRS = {"log_dir": "--log-dir", "output_dir": "--output-dir", "out": "--out"}
+READ_DIRS = {"data_dir": "--data-dir", "json_dir": "--json-dir", "img_dir": "--img-dir",
+             "mask_dir": "--mask-dir"}
+
+
+def check_dirs(args: argparse.Namespace) -> None:
+    """Refuse an unusable folder flag of any command in one line, before the command starts."""
+    for dest, flag in WRITTEN_DIRS.items():
+        if getattr(args, dest, None) is not None:
+            writable_dir(getattr(args, dest), flag)
+    for dest, flag in READ_DIRS.items():
+        if getattr(args, dest, None) is not None:
+            given_dir(getattr(args, dest), flag)
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run the chosen command (``args.func``); returns its exit code."""
     args = parse_args(parser, argv)
     try:
+        check_dirs(args)
         return int(args.func(args))
     except SlotsweepError as exc:
         print(f"slotsweep: error: {error_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # the disk or a folder failed under a running command
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"slotsweep: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("slotsweep: interrupted", file=sys.stderr)

@@ -133,7 +133,7 @@ def cache_features(cfg: Any, data_dir: str | Path | None = None, verify: bool = 
 
     Builds whatever ``feature_cache.mode`` says (it only decides what training does).
     """
-    from core.data.feature_cache.key import refusal
+    from core.data.feature_cache.key import refusal, writable_cache_dir
     from core.data.feature_cache.reader import open_cache
     from core.models.build import build_encoder
     from core.train import feature_cache_for, make_datamodule
@@ -141,6 +141,7 @@ def cache_features(cfg: Any, data_dir: str | Path | None = None, verify: bool = 
     why = refusal(cfg)
     if why is not None:
         raise ConfigError(f"no feature cache for this config: {why}")
+    writable_cache_dir(cfg.feature_cache)  # before generating any data
     cfg, datamodule = make_datamodule(cfg, data_dir)
     on = replace(cfg, feature_cache=replace(cfg.feature_cache, mode="build"))
     cache = feature_cache_for(on, build_encoder(cfg), datamodule, say=False, log=log)

@@ -103,6 +103,10 @@ def train(
     from core.training.module import SlotModule
 
     precision = prepare_process(cfg)
+    if cfg.feature_cache.mode == "build":
+        from core.data.feature_cache.key import writable_cache_dir
+
+        writable_cache_dir(cfg.feature_cache)  # before generating any data
     cfg, datamodule = make_datamodule(cfg, data_dir)  # bad data fails here, before the model
 
     ckpt, mode = None, "new"

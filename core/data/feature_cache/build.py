@@ -30,6 +30,7 @@ from core.data.feature_cache.key import (
     cache_dir,
     folder_name,
     key_inputs,
+    writable_cache_dir,
 )
 from core.data.feature_cache.reader import FeatureCache, open_cache
 from core.data.layout import write_json
@@ -173,6 +174,7 @@ def ensure_cache(encoder: Any, dataset: Any, splits: dict[str, Sequence[Any]],
     cache = try_open()  # the common case takes no lock: a complete cache is immutable
     if cache is not None or not (build or damaged or _has_stale(root, path)):
         return cache
+    writable_cache_dir(cfg)
     try:
         with _locked(root / f"{path.name}.lock"):
             cache = try_open()  # another process may have built it while we waited

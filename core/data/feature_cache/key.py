@@ -20,6 +20,7 @@ from core.data.prepare import cache_root
 from core.errors import SlotsweepError
 from core.hashing import json_digest
 from core.names import FEATURE_CACHE_ENV
+from core.paths import PathError, writable_dir
 
 FORMAT = "slotsweep.features/v1"
 MANIFEST = "manifest.json"  # in the cache folder: key inputs, videos, shards
@@ -38,6 +39,14 @@ def cache_dir(cfg: FeatureCacheConfig) -> Path:
     if os.environ.get(FEATURE_CACHE_ENV):
         return Path(os.environ[FEATURE_CACHE_ENV]).expanduser().resolve()
     return cache_root() / "features"
+
+
+def writable_cache_dir(cfg: FeatureCacheConfig) -> Path:
+    """:func:`cache_dir`, once it is known that a cache can be built there (else one line)."""
+    try:
+        return writable_dir(cache_dir(cfg), "feature cache folder")
+    except PathError as exc:
+        raise CacheError(f"{exc} (feature_cache.dir), or set feature_cache.mode=off") from None
 
 
 def refusal(cfg: Any) -> str | None:
