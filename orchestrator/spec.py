@@ -34,6 +34,7 @@ from core.config.schema import MODEL_KEYS, TOP_LEVEL_KEYS
 from core.errors import ConfigError, one_line
 from core.hashing import json_digest
 from core.names import METRIC_ARI
+from core.paths import PathError, given_dir, writable_dir
 from orchestrator import PROJECT_DIR
 from orchestrator.spec_check import node_at, suggest, validate
 
@@ -223,6 +224,17 @@ def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     spec.mlflow.tracking_uri = uri if not uri or ":" in uri else _absolute(uri)
+    try:
+        if not _URI.match(spec.storage):
+            writable_dir(spec.storage, "storage")
+        if spec.data_dir is not None:
+            given_dir(spec.data_dir, "data_dir")
+        if uri and uri.startswith("sqlite:///"):
+            writable_dir(Path(uri[len("sqlite:///") :]).parent, "mlflow.tracking_uri's folder")
+        elif uri and ":" not in uri:
+            writable_dir(spec.mlflow.tracking_uri, "mlflow.tracking_uri")
+    except PathError as exc:
+        raise ConfigError(str(exc)) from None
     return spec
 
 
