@@ -40,6 +40,7 @@ TAG_KIND = "slotsweep.kind"  # sweep | trial | rerun
 TAG_SEED = "slotsweep.seed"  # a trial's seed
 TAG_THREADS = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend on it
 TAG_FEATURE_CACHE = "slotsweep.feature_cache"  # the cache folder a trial read, or "none"
+TAG_PARTIAL = "slotsweep.partial"  # a sweep run: "false", or "<ended>/<planned> trials ended"
 
 # ---------------------------------------------------------------- environment variables
 CACHE_ENV = "SLOTSWEEP_CACHE"  # root of generated data and feature caches (~/.cache/slotsweep)

@@ -99,7 +99,7 @@ def train(
     in its own run folder; otherwise its weights start a new stage with a fresh optimizer.
     ``trainer_kwargs`` replace Lightning Trainer arguments.
     """
-    from core.training.callbacks import step_of
+    from core.training.callbacks import METRICS_KEY, step_of
     from core.training.module import SlotModule
 
     precision = prepare_process(cfg)
@@ -135,6 +135,11 @@ def train(
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    restored = (ckpt or {}).get(METRICS_KEY) or {}
+    if mode == "resume" and restored.get("step") == trainer.global_step:
+        # resumed at its last step (an interrupted sweep's trial that had finished training):
+        # nothing ran, so the checkpoint's own record is the run's final metrics
+        metrics = {**restored.get("metrics", {}), **metrics}
     checkpoints = sorted(
         (str(p) for p in (run_dir / CHECKPOINTS_DIRNAME).glob("step=*.ckpt")), key=step_of)
     return {

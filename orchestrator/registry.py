@@ -109,6 +109,10 @@ def choose(record: dict[str, Any], client: Any, metric: str | None, mode: str | 
                              "nothing to promote")
     if metric in (None, select["metric"]):
         best = record["best"]
+        if best is None:
+            raise SlotsweepError(
+                f"sweep {record['sweep']} has no trial with a {select['metric']} value: "
+                f"finish it (slotsweep sweep ... --resume) or pass --metric")
         return {**best, "metric": select["metric"], "score": best["metrics"][select["metric"]]}
     mode = mode or ("min" if "loss" in metric else "max")
     found = []

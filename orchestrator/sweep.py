@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.cli import EXIT_INTERRUPTED
 from core.config import find_config
 from core.errors import ConfigError
-from core.names import BEST_CHECKPOINT_FILE, BEST_JSON
+from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, TAG_PARTIAL
 from orchestrator import spec as specs
 from orchestrator.mlflow_runs import (
     ARTIFACT_CHECKPOINT,
@@ -237,9 +239,12 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
         trials = [summarize_trial(spec, sweep_dir, r) for r in results]
         best = select_best(spec, trials)
         print_summary(spec, trials, best, stream)
+        ended = results.num_terminated + results.num_errors  # done, stopped, failed, diverged
+        complete = ended >= int(spec.trials)
         record = {
             "sweep": spec.name, "select": {"metric": spec.select.metric, "mode": spec.select.mode,
                                            "tie_break": spec.select.tie_break},
+            "complete": complete, "trials_ended": ended, "trials_planned": int(spec.trials),
             "best": best, "trials": trials,
             "mlflow": {"tracking_uri": uri, "experiment": spec.mlflow.experiment,
                        "experiment_id": experiment_id, "parent_run_id": parent,
@@ -249,6 +254,10 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
         client.log_artifact(parent, str(sweep_dir / BEST_JSON))
         _close_trial_runs(client, trials)
         failed = [t for t in trials if t["state"] in (FAILED, DIVERGED)]
+        resume = shlex.join(["slotsweep", "sweep", str(path), *overrides, "--resume"])
+        if not complete:
+            print(f"\nsweep interrupted: {ended} of {spec.trials} trials ended; finish it with\n"
+                  f"  {resume}", file=stream)
         if best is not None:
             for name, value in best["metrics"].items():
                 if value is not None:
@@ -256,7 +265,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
             client.set_tag(parent, "best_trial", best["trial_id"])
             if best["mlflow_run_id"]:
                 client.set_tag(parent, "best_run_id", best["mlflow_run_id"])
-            print(f"\nbest: trial {best['trial_id']} at step {best['step']}: "
+            print(f"\n{'best' if complete else 'best so far'}: trial {best['trial_id']} at step "
+                  f"{best['step']}: "
                   + "  ".join(f"{k}={fmt(v)}" for k, v in best["metrics"].items()), file=stream)
             print(f"  checkpoint: {best['checkpoint']}", file=stream)
             print(f"  written: {sweep_dir / BEST_JSON}", file=stream)
@@ -267,6 +277,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
             finish_run(client, parent, "FAILED")
             print(f"slotsweep: all {len(trials)} trials failed", file=sys.stderr)
             return 1
+        if not complete:
+            client.set_tag(parent, TAG_PARTIAL, f"{ended}/{spec.trials} trials ended")
+            finish_run(client, parent, "KILLED")
+            return EXIT_INTERRUPTED
+        client.set_tag(parent, TAG_PARTIAL, "false")
         finish_run(client, parent, "FINISHED")
         return 0
     finally:

@@ -130,10 +130,18 @@ class TrialLogger(pl.Callback):
                    str(cache.root) if cache is not None else "none")
         if self._restored:  # the restore point's metrics: the process that logged them may
             # have died between writing the checkpoint and logging (driver killed)
-            self._log_metrics(trainer, ("train/", "val/"), self._restored["metrics"],
-                              self._restored["step"])
+            step = int(self._restored["step"])
+            missing = {key: value for key, value in self._restored["metrics"].items()
+                       if not self._logged_at(key, step)}
+            self._log_metrics(trainer, ("train/", "val/"), missing, step)
             self._restored = None
         self.upload_artifacts(Path(trainer.default_root_dir), checkpoint=False)
+
+    def _logged_at(self, key: str, step: int) -> bool:
+        """Whether the run already holds ``key`` at ``step`` (then a resume must not log it
+        again); unknown (the server is down) counts as no."""
+        history = self._safe(f"history of {key}", self.client.get_metric_history, self.run_id, key)
+        return history is not _FAILED and any(m.step == step for m in history)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

@@ -76,6 +76,12 @@ def test_two_steps_then_continue_equals_four_straight(tmp_path):
     assert len(straight.losses) == 4
     assert first.losses + second.losses == straight.losses  # bit-identical on CPU
     assert resumed["global_step"] == 4
+    # resumed where it ended (an interrupted sweep's trial that had finished): nothing trains,
+    # and the result still carries the last validation's metrics, from the checkpoint
+    ended = train(load_config("tiny", [*FAST, "trainer.max_steps=4"]), [],
+                  continue_from=resumed["checkpoints"][-1], progress_bar=False)
+    assert ended["global_step"] == 4
+    assert ended["metrics"]["val/ari"] == resumed["metrics"]["val/ari"]
 
 
 def test_continue_with_other_settings_starts_a_new_stage(tmp_path):

@@ -152,3 +152,18 @@ def test_a_rerun_reads_frames_or_cached_features_as_its_trial_did(tmp_path):
         "feature_cache.mode=build", f"feature_cache.dir={built.parent}"]
     elsewhere = run({TAG_FEATURE_CACHE: "/on/another/machine/vit-56px-abc"})
     assert _feature_cache_overrides(elsewhere) == ["feature_cache.mode=build"]
+
+
+def test_choose_on_a_sweep_without_a_scored_trial_is_one_line(tmp_path):
+    """An interrupted sweep can hold a finished trial with a checkpoint but no selection metric
+    (best: null): promote says so instead of failing on the missing record."""
+    from core.errors import SlotsweepError
+    from orchestrator.registry import choose
+
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"x")
+    record = {"sweep": "s", "select": {"metric": "val/ari", "mode": "max", "tie_break": None},
+              "best": None, "trials": [{"trial_id": "t0", "state": "DONE",
+                                        "checkpoint": str(ckpt), "metrics": {}}]}
+    with pytest.raises(SlotsweepError, match=r"no trial with a val/ari value: finish it"):
+        choose(record, client=None, metric=None, mode=None)

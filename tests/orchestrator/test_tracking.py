@@ -187,6 +187,15 @@ def test_trial_logger_logs_a_real_training_run(client, experiment, server, tmp_p
     monkeypatch.setattr(MlflowClient, "log_artifact", lambda self, *a: sent.append(a[1]))
     again.upload_artifacts(tmp_path / "run", checkpoint=False)
     assert sent == [str(tmp_path / "run" / "config.yaml")]
+    monkeypatch.undo()
+    monkeypatch.setenv("SLOTSWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    # resumed from step 2 to 4 (a new process, same run): every step logged once
+    more = load_config("tiny", ["trainer.max_steps=4"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step=2.ckpt"
+    train(more, callbacks=[TrialLogger(server.uri, run)], run_dir=tmp_path / "run",
+          continue_from=ckpt, progress_bar=False)
+    assert [m.step for m in client.get_metric_history(run, "train/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run, "val/ari")] == [2, 4]
 
 
 class _Broken:
