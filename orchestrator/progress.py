@@ -12,6 +12,7 @@ from orchestrator.trial import STATUS_KEY
 
 PENDING, RUNNING, DONE, FAILED, DIVERGED, STOPPED = (
     "PENDING", "RUNNING", "DONE", "FAILED", "DIVERGED", "STOPPED")
+INTERRUPTED = "INTERRUPTED"  # running when the sweep was stopped; --resume continues it
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -35,6 +36,17 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+# Trials this driver saw running and saw end (complete, stopped by the scheduler, or failed for
+# good). A module-level record, not the callback's: on --resume Tune unpickles its own copy of
+# the callback. A trial live but not ended when fit() returns was cut short by Ctrl-C / SIGTERM.
+LIFECYCLE: dict[str, set[str]] = {"live": set(), "ended": set()}
+
+
+def interrupted_trials() -> set[str]:
+    """Trials of the last ``fit()`` that were running when it returned."""
+    return LIFECYCLE["live"] - LIFECYCLE["ended"]
 
 
 class ProgressTable(Callback):
@@ -69,14 +81,17 @@ class ProgressTable(Callback):
         print(format_table(headers, rows), file=stream, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        LIFECYCLE["live"].add(trial.trial_id)
         self._row(trial)["state"] = RUNNING
         self._show(force=True)
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        LIFECYCLE["live"].add(trial.trial_id)
         self._row(trial)["state"] = RUNNING
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
+        LIFECYCLE["live"].add(trial.trial_id)
         row = self._row(trial)
         row.update({k: result[k] for k in ("step", *self.metrics) if k in result})
         if result.get(STATUS_KEY) == "diverged":
@@ -84,6 +99,7 @@ class ProgressTable(Callback):
         self._show(force=False)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        LIFECYCLE["ended"].add(trial.trial_id)
         row = self._row(trial)
         if row["state"] != DIVERGED:
             status = (trial.last_result or {}).get(STATUS_KEY)
@@ -91,5 +107,6 @@ class ProgressTable(Callback):
         self._show(force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        LIFECYCLE["ended"].add(trial.trial_id)
         self._row(trial)["state"] = FAILED
         self._show(force=True)

@@ -7,12 +7,16 @@ embedded server started) -> Ray up and big enough -> generated data made once ->
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,9 +45,12 @@ from orchestrator.progress import (
     DIVERGED,
     DONE,
     FAILED,
+    INTERRUPTED,
+    LIFECYCLE,
     STOPPED,
     ProgressTable,
     fmt,
+    interrupted_trials,
 )
 from orchestrator.results import print_summary, select_best, summarize_trial
 from orchestrator.search import param_space, trial_resources, tune_config
@@ -173,7 +180,8 @@ def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
 def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
     """Trials the scheduler stopped were ended from outside: close their runs here and give
     them their best checkpoint, as finished trials have."""
-    status = {DONE: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", DIVERGED: "FAILED"}
+    status = {DONE: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", DIVERGED: "FAILED",
+              INTERRUPTED: "KILLED"}
     for t in trials:
         run_id = t["mlflow_run_id"]
         if not run_id:
@@ -184,6 +192,21 @@ def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
                 client.log_artifact(run_id, t["checkpoint"], ARTIFACT_CHECKPOINT)
         if client.get_run(run_id).info.status == "RUNNING":
             finish_run(client, run_id, status[t["state"]])
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a cluster's or a user's ``kill``) ends the sweep as Ctrl-C does: Tune saves its
+    state, stops the trials and returns, and Ray and MLflow are shut down; Python's default would
+    end the driver at once and leave Ray's processes behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_resume(spec: specs.SweepSpec, resume: bool) -> None:
@@ -235,12 +258,19 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
             log_params(client, parent, specs.to_dict(spec))  # searcher seed too
         ctx = TrialContext(spec, str(sweep_dir), uri, experiment_id, parent)
         tuner = _tuner(spec, _trainable(spec, ctx), resume)
-        results = tuner.fit()
+        for seen in LIFECYCLE.values():
+            seen.clear()
+        with _term_as_interrupt():
+            results = tuner.fit()
         trials = [summarize_trial(spec, sweep_dir, r) for r in results]
+        cut = interrupted_trials()
+        ended = len(trials) - len(cut)  # done, stopped by the scheduler, failed, diverged
+        complete = not cut and len(trials) >= int(spec.trials)
+        for t in trials:
+            if t["trial_id"] in cut:
+                t["state"] = INTERRUPTED
         best = select_best(spec, trials)
         print_summary(spec, trials, best, stream)
-        ended = results.num_terminated + results.num_errors  # done, stopped, failed, diverged
-        complete = ended >= int(spec.trials)
         record = {
             "sweep": spec.name, "select": {"metric": spec.select.metric, "mode": spec.select.mode,
                                            "tie_break": spec.select.tie_break},

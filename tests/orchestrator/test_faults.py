@@ -1,0 +1,85 @@
+"""Faults a real cluster produces, survived with nothing lost: each scenario runs the real
+command (a local Ray instance, the embedded MLflow server) and asserts that no process of it is
+left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from processes import alive, descendants
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "SLOTSWEEP_MLFLOW_DIR": str(tmp_path / "mlflow"),
+           "SLOTSWEEP_CACHE": str(tmp_path.parent / "faults-cache")}
+    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(key, None)
+    return env
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"exited before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.2)
+
+
+def _no_orphans(pids: set[int], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive(pids)
+    for pid in left:  # do not leak them into the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {sorted(left)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_sweep_and_resume_finishes_it(tmp_path, sig):
+    """Ctrl-C or SIGTERM mid-sweep: stops within 30 s, says it is partial and how to finish it,
+    leaves no process; --resume finishes every trial without retraining one from scratch."""
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=sig",
+           f"storage={tmp_path / 'storage'}", "trials=2", "trainer.max_steps=12"]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
+                                  cwd=tmp_path)
+    trials = tmp_path / "storage" / "sig" / "trials"
+    _wait_for(lambda: any(trials.glob("*/checkpoints/step=4.ckpt")), 300, "first checkpoint",
+              driver, log)
+    kept = {p: p.stat().st_mtime_ns for p in trials.glob("*/checkpoints/step=4.ckpt")}
+    children = descendants(driver.pid)
+    start = time.monotonic()
+    driver.send_signal(sig)
+    rc = driver.wait(timeout=120)
+    took = time.monotonic() - start
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert took < 30, f"took {took:.0f} s to stop"
+    assert "sweep interrupted" in text and "sweep quickstart name=sig" in text, text[-3000:]
+    assert "--resume" in text and "Tuner.restore" not in text.split("sweep interrupted")[-1]
+    record = json.loads((tmp_path / "storage" / "sig" / "best.json").read_text())
+    assert record["complete"] is False and record["trials_planned"] == 2
+    _no_orphans(children)
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True,
+                             env=_env(tmp_path), cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    record = json.loads((tmp_path / "storage" / "sig" / "best.json").read_text())
+    assert record["complete"] is True and len(record["trials"]) == 2
+    assert all(t["state"] == "DONE" and t["metrics"].get("val/ari") is not None
+               for t in record["trials"]), record["trials"]
+    assert record["best"] is not None
+    for path, mtime in kept.items():  # continued from its checkpoint, not retrained
+        assert path.stat().st_mtime_ns == mtime, path
