@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from filelock import FileLock, Timeout
+
 from core.cli import EXIT_INTERRUPTED
 from core.config import find_config
 from core.errors import ConfigError
@@ -209,6 +211,29 @@ def _term_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path) -> Iterator[None]:
+    """One driver per sweep: a second ``slotsweep sweep`` of the same name and storage is
+    refused before it starts anything. The lock (``flock``, via filelock) is let go when the
+    driver ends, also when it is killed, so ``--resume`` after a crash is never refused."""
+    lock_path = sweep_dir.parent / f".{sweep_dir.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    holder = lock_path.with_name(lock_path.name + ".pid")
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = holder.read_text().strip() if holder.is_file() else "?"
+        raise ConfigError(
+            f"sweep {sweep_dir.name} is already running (pid {pid}; lock {lock_path}): wait for "
+            "it to end, or pick another name (name=...)") from None
+    try:
+        holder.write_text(str(os.getpid()))
+        yield
+    finally:
+        lock.release()
+
+
 def _check_resume(spec: specs.SweepSpec, resume: bool) -> None:
     """``--resume`` needs a sweep to finish; without it an existing sweep is never overwritten."""
     from ray import tune
@@ -232,6 +257,12 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
     spec = specs.load_sweep(path, overrides)
     spec = replace(spec, base=str(find_config(spec.base).resolve()))  # trials: their own cwd
     sweep_dir = sweep_dir_of(spec)
+    with sweep_lock(sweep_dir):
+        return _run_locked(spec, sweep_dir, path, overrides, resume, stream)
+
+
+def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
+                overrides: list[str] | tuple, resume: bool, stream: TextIO) -> int:
     if not os.environ.get("RAY_ADDRESS"):  # local: the cluster is this machine, check it first
         check_cluster(spec, local_resources())
     _check_resume(spec, resume)

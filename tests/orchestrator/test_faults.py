@@ -83,3 +83,36 @@ def test_a_signal_stops_the_sweep_and_resume_finishes_it(tmp_path, sig):
     assert record["best"] is not None
     for path, mtime in kept.items():  # continued from its checkpoint, not retrained
         assert path.stat().st_mtime_ns == mtime, path
+
+
+def test_a_second_sweep_of_the_same_name_is_refused(tmp_path, monkeypatch, capsys):
+    """While a driver runs sweep `twin`, another `slotsweep sweep ... name=twin` stops in one line
+    before starting Ray or MLflow, and touches nothing of the first; a killed driver's lock is
+    free again (flock dies with its process), so --resume after a crash works."""
+    import ray
+
+    from orchestrator.cli import main
+    from orchestrator.sweep import sweep_lock
+
+    monkeypatch.chdir(tmp_path)
+    storage = tmp_path / "storage"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from orchestrator.sweep import sweep_lock\n"
+         "with sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(300)\n",
+         str(storage / "twin")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        rc = main(["sweep", "quickstart", "name=twin", f"storage={storage}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert f"sweep twin is already running (pid {holder.pid};" in err, err
+        assert "pick another name" in err
+        assert not ray.is_initialized()
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with sweep_lock(storage / "twin"):  # the killed holder's lock is free
+        pass
