@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from core.errors import SlotsweepError
 from core.names import (
     BEST_JSON,
     CHECKPOINTS_DIRNAME,
@@ -181,27 +183,43 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
     return result, run_id
 
 
-def _step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1))
+def _readable_step(path: Path) -> int | None:
+    """The step stored in checkpoint ``path``, or None (one warning line) when it cannot be read:
+    a file cut short by a crash or a full disk before writes were atomic."""
+    from core.training.checkpoint import read_checkpoint
+
+    try:
+        return int(read_checkpoint(path).get("global_step", -1))
+    except SlotsweepError as exc:
+        print(f"slotsweep: warning: skipping {exc}", file=sys.stderr)
+        return None
 
 
 def _newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
-    """The latest of Tune's checkpoint and the trial's own ``step=N.ckpt`` files.
+    """The latest readable one of Tune's checkpoint and the trial's own ``step=N.ckpt`` files.
 
     Tune records a checkpoint in its experiment state only every few seconds, so after the
-    driver is killed its last checkpoint can be older than the trial's own files."""
+    driver is killed its last checkpoint can be older than the trial's own files; a damaged file
+    is skipped for the one before it."""
     candidates: list[tuple[int, Path]] = []
+    read: set[Path] = set()  # already checked by loading
     if checkpoint is not None:
-        local = Path(tempfile.mkdtemp(prefix="slotsweep-restore-"))
+        local = Path(tempfile.mkdtemp(prefix="slotsweep-restore-")) / LAST_CHECKPOINT
         with checkpoint.as_directory() as d:
-            shutil.copy(Path(d) / LAST_CHECKPOINT, local / LAST_CHECKPOINT)
-        candidates.append((_step(local / LAST_CHECKPOINT), local / LAST_CHECKPOINT))
+            shutil.copy(Path(d) / LAST_CHECKPOINT, local)
+        step = _readable_step(local)
+        if step is not None:
+            candidates.append((step, local))
+            read.add(local)
     for path in (run_dir / CHECKPOINTS_DIRNAME).glob("step=*.ckpt"):
         try:
             candidates.append((step_of(path), path))
         except ValueError:
             continue
-    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        if path in read or _readable_step(path) is not None:
+            return path
+    return None
 
 
 def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:

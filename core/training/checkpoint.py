@@ -1,19 +1,22 @@
-"""Reading slotsweep checkpoints: safe loading, weights into a model, resume or new stage.
+"""Slotsweep checkpoints: written atomically, loaded safely, weights into a model, resume or
+new stage.
 
-Every failure is one ``ConfigError`` line that says what to do (a wrong ``--continue`` path, a
-file that is not a slotsweep checkpoint, weights of another model size).
+Every failure is one line that says what to do (a wrong ``--continue`` path, a file that is not
+a slotsweep checkpoint, weights of another model size, a full disk).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from core.config import Config
-from core.errors import ConfigError, one_line
+from core.errors import ConfigError, SlotsweepError, one_line
 
 # Sections whose change means "a new stage" on --continue (fresh optimizer) rather than a resume.
 STAGE_SECTIONS = ("model", "optimizer", "globals")
@@ -97,3 +100,28 @@ def with_more_steps(cfg: Config, path: str | Path) -> Config:
         return cfg
     print(f"continuing from step {done} for {total} more steps")
     return replace(cfg, trainer=replace(cfg.trainer, max_steps=done + total))
+
+
+class CheckpointWriteError(SlotsweepError):
+    """A checkpoint could not be written (disk full, folder gone); earlier ones are intact."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: each file is written beside its final name and
+    renamed into place, so a crash or a full disk mid-write leaves the previous checkpoints whole
+    and never a truncated ``step=N.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        final = Path(path)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            earlier = sorted(final.parent.glob("step=*.ckpt"), key=os.path.getmtime)
+            hint = f"; continue from {earlier[-1]} with --continue" if earlier else ""
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final} ({exc.strerror or one_line(exc)}): earlier "
+                f"checkpoints are intact; free space{hint}") from None

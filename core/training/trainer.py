@@ -111,6 +111,7 @@ def build_trainer(cfg: Config, run_dir: Path, datamodule: Any, callbacks: Sequen
         SlotVisualizer,
         StepCheckpoint,
     )
+    from core.training.checkpoint import AtomicCheckpointIO
     from core.training.fast import FiniteGuard
 
     t = cfg.trainer
@@ -145,7 +146,10 @@ def build_trainer(cfg: Config, run_dir: Path, datamodule: Any, callbacks: Sequen
         deterministic=t.deterministic,
         enable_progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
         enable_model_summary=False,
+        enable_checkpointing=False,  # StepCheckpoint / BestCheckpoint write them all, one naming
         default_root_dir=str(run_dir),
     )
-    kwargs.update(trainer_kwargs or {})
+    extra = dict(trainer_kwargs or {})
+    kwargs["plugins"] = [AtomicCheckpointIO(), *extra.pop("plugins", [])]
+    kwargs.update(extra)
     return pl.Trainer(**kwargs), best

@@ -252,6 +252,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     err = _fail(["tiny", "globals.NUM_SLOTS=5", "--continue", result["checkpoints"][0], *log],
                 capsys)
     assert "does not fit this model" in err and "NUM_SLOTS" in err
+    cut = tmp_path / "cut.ckpt"  # a real checkpoint cut short by a crash
+    data = Path(result["checkpoints"][0]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    assert "cut.ckpt is corrupt" in _fail(["tiny", "--continue", str(cut), *log], capsys)
     (tmp_path / "empty" / "json").mkdir(parents=True)
     (tmp_path / "empty" / "frames").mkdir()
     (tmp_path / "empty" / "json" / "train.json").write_text('{"videos": []}')
@@ -352,3 +356,35 @@ def test_frozen_backbone_from_a_file_is_left_out_of_checkpoints(tmp_path):
     with pytest.raises(SlotsweepError, match=same_file):
         train(load_config("tiny", [*swapped, "trainer.max_steps=4"]),
               continue_from=first["checkpoints"][-1], progress_bar=False)
+
+
+def test_a_full_disk_mid_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing step=4.ckpt (injected at the write call): the run stops with one
+    line naming the checkpoint to continue from, step=2.ckpt is whole, no partial file is left,
+    and --continue finishes once there is space."""
+    import errno
+
+    from pytorch_lightning.plugins import TorchCheckpointIO
+
+    write = TorchCheckpointIO.save_checkpoint
+
+    def full_at_step_4(self, checkpoint, path, storage_options=None):
+        if checkpoint.get("global_step") == 4:
+            with open(path, "wb") as f:  # a partial write, then the disk is full
+                f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full_at_step_4)
+    argv = ["tiny", *FAST, "trainer.max_steps=6", "--log-dir", str(tmp_path)]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpts = tmp_path / "tiny" / "checkpoints"
+    assert err.startswith("slotsweep: error: could not write checkpoint ") and "step=4.ckpt" in err
+    assert "No space left on device" in err and f"continue from {ckpts / 'step=2.ckpt'}" in err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "step=2.ckpt"]
+    assert read_checkpoint(ckpts / "step=2.ckpt")["global_step"] == 2
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", write)  # space again
+    assert train_main(["tiny", *FAST, "trainer.max_steps=6", "--continue",
+                       str(ckpts / "step=2.ckpt")]) == 0
+    assert (ckpts / "step=6.ckpt").is_file()

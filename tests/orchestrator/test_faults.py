@@ -116,3 +116,25 @@ def test_a_second_sweep_of_the_same_name_is_refused(tmp_path, monkeypatch, capsy
         holder.wait()
     with sweep_lock(storage / "twin"):  # the killed holder's lock is free
         pass
+
+
+def test_a_resumed_trial_skips_a_truncated_checkpoint(tmp_path, monkeypatch, capsys):
+    """A crash left the newest step file cut short: the trial continues from the one before
+    it, with one warning line, instead of failing on every retry."""
+    monkeypatch.setenv("SLOTSWEEP_CACHE", str(tmp_path / "cache"))
+    from core.config import load_config
+    from core.train import train
+    from orchestrator.trial import _newest_checkpoint
+
+    cfg = load_config("tiny", ["trainer.max_steps=4", "trainer.checkpoint_every=2",
+                               "trainer.val_check_interval=2", "dataset.batch_size=2"])
+    train(cfg, run_dir=tmp_path / "run", progress_bar=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert _newest_checkpoint(tmp_path / "run", None) == ckpts / "step=4.ckpt"
+    data = (ckpts / "step=4.ckpt").read_bytes()
+    (ckpts / "step=4.ckpt").write_bytes(data[: len(data) // 3])
+    capsys.readouterr()
+    assert _newest_checkpoint(tmp_path / "run", None) == ckpts / "step=2.ckpt"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slotsweep: warning: skipping checkpoint ")
+    assert "step=4.ckpt is corrupt" in err[0]
