@@ -28,6 +28,7 @@ BEST_CHECKPOINT_FILE = f"{BEST_CHECKPOINT}.ckpt"
 BEST_JSON = "best.json"  # the best step's metrics (a run's, or a sweep's best trial)
 LAST_CHECKPOINT = "last.ckpt"  # a trial's newest checkpoint, handed to Ray Tune
 VISUALS_DIRNAME = "visualizations"  # slot pictures, visualizations/step=N.png
+UNSENT_JSON = "mlflow_unsent.json"  # metric values a trial could not send to MLflow (yet)
 
 # ---------------------------------------------------------------- MLflow tags (orchestrator)
 TAG_SWEEP = "slotsweep.sweep"  # a run's sweep name

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -71,6 +72,7 @@ class LocalServer:
     def __init__(self, root: Path, port: int, process: subprocess.Popen) -> None:
         self.root, self.port, self.process = root, port, process
         self.uri, self.pid = f"http://127.0.0.1:{port}", process.pid
+        self._stopping: threading.Event | None = None
 
     @classmethod
     def start(cls, root: Path, port: int | None = None, timeout: float = 90) -> LocalServer:
@@ -81,6 +83,8 @@ class LocalServer:
             port = _free_port()
         else:  # else /health may answer from another server while ours fails to bind
             with socket.socket() as sock:
+                # as the server binds: a port left in TIME_WAIT by a server that died is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind(("127.0.0.1", port))
                 except OSError as exc:
@@ -123,8 +127,43 @@ class LocalServer:
         last = (errors or [line for line in lines if line] or ["no output yet"])[-1]
         return f"{last[:300]} (see {self.root / 'server.log'})"
 
+    def keep_alive(self, check_s: float = 1.0, attempts: int = 30) -> None:
+        """Start the server again (same store, same port) whenever it dies, until :meth:`stop`.
+
+        Trials keep their MLflow calls while it is away and send them when it answers again.
+        The watching thread starts the new server, so ``PR_SET_PDEATHSIG`` ties the server to a
+        thread that lives until :meth:`stop`."""
+        self._stopping = stopping = threading.Event()
+
+        def watch() -> None:
+            while not stopping.wait(check_s):
+                if self.process.poll() is None:
+                    continue
+                print(f"slotsweep: warning: the MLflow server (pid {self.pid}) exited with code "
+                      f"{self.process.returncode}: starting it again on {self.uri}",
+                      file=sys.stderr, flush=True)
+                for _ in range(attempts):
+                    if stopping.is_set():
+                        return
+                    try:
+                        fresh = LocalServer.start(self.root, self.port)
+                    except SlotsweepError:
+                        time.sleep(2)
+                        continue
+                    if stopping.is_set():  # stop() came while it was starting
+                        fresh.stop()
+                        return
+                    self.process, self.pid = fresh.process, fresh.pid
+                    print(f"slotsweep: the MLflow server answers again on {self.uri}",
+                          file=sys.stderr, flush=True)
+                    break
+
+        threading.Thread(target=watch, daemon=True, name="mlflow-watch").start()
+
     def stop(self, grace: float = 10) -> None:
         """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+        if self._stopping is not None:
+            self._stopping.set()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):

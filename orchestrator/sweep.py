@@ -7,31 +7,23 @@ embedded server started) -> Ray up and big enough -> generated data made once ->
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shlex
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from filelock import FileLock, Timeout
-
 from core.cli import EXIT_INTERRUPTED
 from core.config import find_config
 from core.errors import ConfigError
-from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, TAG_PARTIAL
+from core.names import BEST_JSON, UNSENT_JSON
 from orchestrator import spec as specs
 from orchestrator.mlflow_runs import (
-    ARTIFACT_CHECKPOINT,
     client_for,
-    finish_run,
     get_or_create_experiment,
     get_or_create_sweep_run,
     log_params,
@@ -45,11 +37,9 @@ from orchestrator.mlflow_server import (
 )
 from orchestrator.progress import (
     DIVERGED,
-    DONE,
     FAILED,
     INTERRUPTED,
     LIFECYCLE,
-    STOPPED,
     ProgressTable,
     fmt,
     interrupted_trials,
@@ -57,6 +47,8 @@ from orchestrator.progress import (
 from orchestrator.results import print_summary, select_best, summarize_trial
 from orchestrator.search import param_space, trial_resources, tune_config
 from orchestrator.spec_check import check_cluster
+from orchestrator.sweep_control import sweep_lock, term_as_interrupt
+from orchestrator.sweep_end import record_end
 from orchestrator.trial import (
     TrialContext,
     run_trial,
@@ -179,61 +171,6 @@ def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
     )
 
 
-def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
-    """Trials the scheduler stopped were ended from outside: close their runs here and give
-    them their best checkpoint, as finished trials have."""
-    status = {DONE: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", DIVERGED: "FAILED",
-              INTERRUPTED: "KILLED"}
-    for t in trials:
-        run_id = t["mlflow_run_id"]
-        if not run_id:
-            continue
-        if t["state"] in (DONE, STOPPED) and t["checkpoint"]:
-            uploaded = {a.path for a in client.list_artifacts(run_id, ARTIFACT_CHECKPOINT)}
-            if f"{ARTIFACT_CHECKPOINT}/{BEST_CHECKPOINT_FILE}" not in uploaded:
-                client.log_artifact(run_id, t["checkpoint"], ARTIFACT_CHECKPOINT)
-        if client.get_run(run_id).info.status == "RUNNING":
-            finish_run(client, run_id, status[t["state"]])
-
-
-@contextlib.contextmanager
-def _term_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a cluster's or a user's ``kill``) ends the sweep as Ctrl-C does: Tune saves its
-    state, stops the trials and returns, and Ray and MLflow are shut down; Python's default would
-    end the driver at once and leave Ray's processes behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def sweep_lock(sweep_dir: Path) -> Iterator[None]:
-    """One driver per sweep: a second ``slotsweep sweep`` of the same name and storage is
-    refused before it starts anything. The lock (``flock``, via filelock) is let go when the
-    driver ends, also when it is killed, so ``--resume`` after a crash is never refused."""
-    lock_path = sweep_dir.parent / f".{sweep_dir.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    holder = lock_path.with_name(lock_path.name + ".pid")
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        pid = holder.read_text().strip() if holder.is_file() else "?"
-        raise ConfigError(
-            f"sweep {sweep_dir.name} is already running (pid {pid}; lock {lock_path}): wait for "
-            "it to end, or pick another name (name=...)") from None
-    try:
-        holder.write_text(str(os.getpid()))
-        yield
-    finally:
-        lock.release()
-
-
 def _check_resume(spec: specs.SweepSpec, resume: bool) -> None:
     """``--resume`` needs a sweep to finish; without it an existing sweep is never overwritten."""
     from ray import tune
@@ -270,6 +207,7 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
     server = None
     if uri is None:
         server = LocalServer.start(mlflow_root())
+        server.keep_alive()  # a server that dies mid-sweep comes back; trials keep their calls
         uri = server.uri
     else:
         check_tracking_uri(uri)
@@ -291,7 +229,7 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
         tuner = _tuner(spec, _trainable(spec, ctx), resume)
         for seen in LIFECYCLE.values():
             seen.clear()
-        with _term_as_interrupt():
+        with term_as_interrupt():
             results = tuner.fit()
         trials = [summarize_trial(spec, sweep_dir, r) for r in results]
         cut = interrupted_trials()
@@ -312,20 +250,12 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
                        "embedded_store": str(mlflow_root()) if server is not None else None},
         }
         (sweep_dir / BEST_JSON).write_text(json.dumps(record, indent=1, default=str))
-        client.log_artifact(parent, str(sweep_dir / BEST_JSON))
-        _close_trial_runs(client, trials)
         failed = [t for t in trials if t["state"] in (FAILED, DIVERGED)]
         resume = shlex.join(["slotsweep", "sweep", str(path), *overrides, "--resume"])
         if not complete:
             print(f"\nsweep interrupted: {ended} of {spec.trials} trials ended; finish it with\n"
                   f"  {resume}", file=stream)
         if best is not None:
-            for name, value in best["metrics"].items():
-                if value is not None:
-                    client.log_metric(parent, f"best/{name}", float(value))
-            client.set_tag(parent, "best_trial", best["trial_id"])
-            if best["mlflow_run_id"]:
-                client.set_tag(parent, "best_run_id", best["mlflow_run_id"])
             print(f"\n{'best' if complete else 'best so far'}: trial {best['trial_id']} at step "
                   f"{best['step']}: "
                   + "  ".join(f"{k}={fmt(v)}" for k, v in best["metrics"].items()), file=stream)
@@ -334,17 +264,20 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
         if server is not None:
             print(f"MLflow UI: `slotsweep ui` then open http://127.0.0.1:5000 "
                   f"(store: {mlflow_root()})", file=stream)
-        if trials and len(failed) == len(trials):
-            finish_run(client, parent, "FAILED")
+        all_failed = bool(trials) and len(failed) == len(trials)
+        status = "FAILED" if all_failed else "FINISHED" if complete else "KILLED"
+        partial = "false" if complete else f"{ended}/{spec.trials} trials ended"
+        missing = record_end(client, uri, parent, sweep_dir, trials, best, status, partial)
+        if missing:
+            print(f"slotsweep: MLflow at {uri} misses {'; '.join(missing)}. The results are in "
+                  f"{sweep_dir / BEST_JSON} and the checkpoints on disk; unsent values are kept "
+                  f"in each trial's {UNSENT_JSON} and sent by --resume", file=sys.stderr)
+        if all_failed:
             print(f"slotsweep: all {len(trials)} trials failed", file=sys.stderr)
             return 1
         if not complete:
-            client.set_tag(parent, TAG_PARTIAL, f"{ended}/{spec.trials} trials ended")
-            finish_run(client, parent, "KILLED")
             return EXIT_INTERRUPTED
-        client.set_tag(parent, TAG_PARTIAL, "false")
-        finish_run(client, parent, "FINISHED")
-        return 0
+        return 1 if missing else 0
     finally:
         if server is not None:
             server.stop()

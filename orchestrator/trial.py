@@ -2,9 +2,7 @@
 ``core.train.train(cfg, callbacks)``, reporting to Tune and logging to the trial's MLflow run;
 the sweep's ``select`` rule keeps the trial's ``best.ckpt`` (a ``BestCheckpoint`` callback).
 
-A trial with ``workers > 1`` (several GPUs, or 2 gloo workers on a CPU) runs the same ``train``
-inside a Ray Train ``TorchTrainer`` with the ``ray.train.lightning`` helpers (Ray 2.60: Train V2
-inside a Tune function); its Train run is named after the trial, so a restarted trial resumes.
+A trial with ``workers > 1`` runs the same steps on several workers (:mod:`orchestrator.trial_ddp`).
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from core.errors import SlotsweepError
+from core.errors import SlotsweepError, one_line
 from core.names import (
     BEST_JSON,
     CHECKPOINTS_DIRNAME,
@@ -95,16 +94,6 @@ class TuneReporter(pl.Callback):
             self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
 
 
-class RayPrepared(pl.Callback):
-    """``ray.train.lightning.prepare_trainer`` on the Trainer of a DDP trial's worker, as fitting
-    starts (it checks the Ray strategy and cluster environment)."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from ray.train.lightning import prepare_trainer
-
-        prepare_trainer(trainer)
-
-
 class FaultInjector(pl.Callback):
     """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, or turn its loss
     NaN, at ``step``. A marker file makes ``raise`` happen only once per trial."""
@@ -136,7 +125,7 @@ def _config_for(ctx: TrialContext, sampled: dict[str, Any], index: int):
     return load_config(spec.base, overrides), overrides
 
 
-def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index: int,
+def train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index: int,
                 report: Any, checkpoint_cls: Any, checkpoint: Any,
                 ddp: tuple[dict[str, Any], list[pl.Callback]] | None = None,
                 rank_zero: bool = True):
@@ -161,16 +150,16 @@ def _train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index
     run_id = None
     if rank_zero:
         client = client_for(ctx.tracking_uri)
-        run_id = get_or_create_trial_run(
+        run_id = _with_retries(lambda: get_or_create_trial_run(
             client, ctx.experiment_id, ctx.parent_run_id, trial_id,
             run_name=f"{ctx.spec.name}-{index:03d}",
             tags={TAG_SEED: str(cfg.seed), TAG_THREADS: str(torch.get_num_threads())},
-        )
+        ))
         params = {**flatten(cfg), **{f"sampled.{k}": v for k, v in sampled.items()}}
         callbacks.append(TrialLogger(ctx.tracking_uri, run_id, params=params))
     for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))
-    continue_from = _newest_checkpoint(run_dir, checkpoint)
+    continue_from = newest_checkpoint(run_dir, checkpoint)
     if rank_zero:
         (run_dir / "trial.json").write_text(json.dumps(
             {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
@@ -195,7 +184,7 @@ def _readable_step(path: Path) -> int | None:
         return None
 
 
-def _newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
+def newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
     """The latest readable one of Tune's checkpoint and the trial's own ``step=N.ckpt`` files.
 
     Tune records a checkpoint in its experiment state only every few seconds, so after the
@@ -238,93 +227,56 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
         tune.report(json.loads(done.read_text()))
         return
     if workers > 1:
-        return _run_ddp_trial(sampled, ctx, trial_id, index, workers)
+        from orchestrator.trial_ddp import run_ddp_trial
+
+        return run_ddp_trial(sampled, ctx, trial_id, index, workers)
     try:
-        result, run_id = _train_once(ctx, sampled, trial_id, index, tune.report,
+        result, run_id = train_once(ctx, sampled, trial_id, index, tune.report,
                                      tune.Checkpoint, tune.get_checkpoint())
     except NonFiniteLossError as exc:
-        _diverged(ctx, trial_id, index, str(exc))
+        diverged(ctx, trial_id, index, str(exc))
         tune.report({STATUS_KEY: "diverged", ERROR_KEY: str(exc)})
         return
-    finish_run(client_for(ctx.tracking_uri), run_id, "FINISHED")
     final = {**result["metrics"], "step": result["global_step"], STATUS_KEY: "done"}
     done.write_text(json.dumps(final))
+    tracking_quietly(f"marking run {run_id} FINISHED",
+                      lambda: finish_run(client_for(ctx.tracking_uri), run_id, "FINISHED"))
     tune.report(final)
 
 
-def _diverged(ctx: TrialContext, trial_id: str, index: int, message: str) -> None:
+def tracking_quietly(what: str, call: Any) -> None:
+    """An MLflow call at a trial's end that must not fail the trial (its results are on disk;
+    the sweep closes runs left RUNNING)."""
+    try:
+        call()
+    except Exception as exc:
+        print(f"slotsweep: warning: MLflow {what} failed ({one_line(exc)}); the sweep will "
+              "retry it at its end", file=sys.stderr, flush=True)
+
+
+def _with_retries(call: Any, delays: tuple[float, ...] = (1, 2, 4, 8, 15, 30)) -> Any:
+    """``call()`` tried again after each of ``delays`` seconds (an MLflow server restarting);
+    the last failure is raised and Tune retries the trial."""
+    for delay in delays:
+        try:
+            return call()
+        except Exception:
+            time.sleep(delay)
+    return call()
+
+
+def diverged(ctx: TrialContext, trial_id: str, index: int, message: str) -> None:
     """Mark the trial's MLflow run FAILED with the reason (the sweep goes on)."""
     from orchestrator.mlflow_runs import client_for, finish_run, get_or_create_trial_run
 
-    client = client_for(ctx.tracking_uri)
-    run_id = get_or_create_trial_run(
-        client, ctx.experiment_id, ctx.parent_run_id, trial_id,
-        run_name=f"{ctx.spec.name}-{index:03d}")
-    client.set_tag(run_id, "slotsweep.error", message[:5000])
-    finish_run(client, run_id, "FAILED")
     (run_dir_of(ctx.sweep_dir, trial_id) / "diverged.txt").write_text(message + "\n")
 
+    def mark() -> None:
+        client = client_for(ctx.tracking_uri)
+        run_id = get_or_create_trial_run(
+            client, ctx.experiment_id, ctx.parent_run_id, trial_id,
+            run_name=f"{ctx.spec.name}-{index:03d}")
+        client.set_tag(run_id, "slotsweep.error", message[:5000])
+        finish_run(client, run_id, "FAILED")
 
-def _ddp_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of a DDP trial: Lightning with RayDDPStrategy."""
-    import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
-
-    ctx, sampled, trial_id, index = (config["ctx"], config["sampled"], config["trial_id"],
-                                     config["index"])
-    use_gpu = torch.cuda.is_available() and ctx.spec.resources.gpus_per_trial > 0
-    accelerator = "gpu" if use_gpu else "cpu"
-    trainer_kwargs = {
-        "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
-        "devices": "auto", "accelerator": accelerator, "num_nodes": 1,
-    }
-    rank_zero = ray.train.get_context().get_world_rank() == 0
-    _train_once(ctx, sampled, trial_id, index, ray.train.report, ray.train.Checkpoint,
-                ray.train.get_checkpoint(), (trainer_kwargs, [RayPrepared()]),
-                rank_zero=rank_zero)
-
-
-def _run_ddp_trial(sampled: dict[str, Any], ctx: TrialContext, trial_id: str, index: int,
-                   workers: int) -> None:
-    from ray import train as ray_train
-    from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.mlflow_runs import client_for, find_trial_run, finish_run
-
-    resources = ctx.spec.resources
-    gpus = float(resources.gpus_per_trial)
-    per_worker = {"CPU": max(0.5, float(resources.cpus_per_trial) / workers)}
-    if gpus:
-        per_worker["GPU"] = gpus / workers
-    trainer = TorchTrainer(
-        _ddp_worker,
-        train_loop_config={"ctx": ctx, "sampled": sampled, "trial_id": trial_id,
-                           "index": index},
-        scaling_config=ray_train.ScalingConfig(
-            num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
-        run_config=ray_train.RunConfig(
-            name=trial_id, storage_path=str(Path(ctx.sweep_dir) / "train"),
-            callbacks=[TuneReportCallback()],
-            failure_config=ray_train.FailureConfig(max_failures=0),
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; a NaN is a diverged trial, not a retry
-        message = str(exc)
-        if "became nan" in message or "became inf" in message:
-            _diverged(ctx, trial_id, index, message.splitlines()[-1])
-            tune.report({STATUS_KEY: "diverged", ERROR_KEY: message.splitlines()[-1]})
-            return
-        raise
-    client = client_for(ctx.tracking_uri)
-    run = find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
-    if run is not None:
-        finish_run(client, run, "FINISHED")
-    run_dir = run_dir_of(ctx.sweep_dir, trial_id)
-    newest = _newest_checkpoint(run_dir, None)
-    final = {"step": step_of(newest) if newest else 0, STATUS_KEY: "done"}
-    (run_dir / DONE_JSON).write_text(json.dumps(final))
-    tune.report(final)
+    tracking_quietly(f"marking the run of trial {trial_id} FAILED", mark)

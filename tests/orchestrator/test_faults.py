@@ -92,14 +92,15 @@ def test_a_second_sweep_of_the_same_name_is_refused(tmp_path, monkeypatch, capsy
     import ray
 
     from orchestrator.cli import main
-    from orchestrator.sweep import sweep_lock
+    from orchestrator.sweep_control import sweep_lock
 
     monkeypatch.chdir(tmp_path)
     storage = tmp_path / "storage"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-         "from orchestrator.sweep import sweep_lock\n"
-         "with sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(300)\n",
+         "from orchestrator.sweep_control import sweep_lock\n"
+         "with sweep_lock(Path(sys.argv[1])):\n"
+         "    print('held', flush=True)\n    time.sleep(300)\n",
          str(storage / "twin")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -124,17 +125,124 @@ def test_a_resumed_trial_skips_a_truncated_checkpoint(tmp_path, monkeypatch, cap
     monkeypatch.setenv("SLOTSWEEP_CACHE", str(tmp_path / "cache"))
     from core.config import load_config
     from core.train import train
-    from orchestrator.trial import _newest_checkpoint
+    from orchestrator.trial import newest_checkpoint
 
     cfg = load_config("tiny", ["trainer.max_steps=4", "trainer.checkpoint_every=2",
                                "trainer.val_check_interval=2", "dataset.batch_size=2"])
     train(cfg, run_dir=tmp_path / "run", progress_bar=False)
     ckpts = tmp_path / "run" / "checkpoints"
-    assert _newest_checkpoint(tmp_path / "run", None) == ckpts / "step=4.ckpt"
+    assert newest_checkpoint(tmp_path / "run", None) == ckpts / "step=4.ckpt"
     data = (ckpts / "step=4.ckpt").read_bytes()
     (ckpts / "step=4.ckpt").write_bytes(data[: len(data) // 3])
     capsys.readouterr()
-    assert _newest_checkpoint(tmp_path / "run", None) == ckpts / "step=2.ckpt"
+    assert newest_checkpoint(tmp_path / "run", None) == ckpts / "step=2.ckpt"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slotsweep: warning: skipping checkpoint ")
     assert "step=4.ckpt is corrupt" in err[0]
+
+
+def _mlflow_server_pids(driver_pid: int) -> set[int]:
+    found = set()
+    for pid in descendants(driver_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mlflow" in cmd and b"server" in cmd:
+            found.add(pid)
+    return found
+
+
+def _series_complete(uri: str, record: dict) -> None:
+    """Every trial's run holds val/ari at 4, 8 and 12 once, and train/loss with no step twice."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for t in record["trials"]:
+        run = t["mlflow_run_id"]
+        assert [m.step for m in client.get_metric_history(run, "val/ari")] == [4, 8, 12], t
+        steps = [m.step for m in client.get_metric_history(run, "train/loss")]
+        assert len(steps) == len(set(steps)) and max(steps) == 12, steps
+        assert client.get_run(run).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["embedded", "external"])
+def test_the_mlflow_server_dies_mid_sweep_and_comes_back(tmp_path, where):
+    """Trials go on training while the server is away; what they could not log arrives when it
+    is back (the embedded server is started again by the sweep, an external one by its owner)."""
+    from orchestrator.mlflow_server import LocalServer
+
+    storage = tmp_path / "storage"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=down",
+           f"storage={storage}", "trials=2", "trainer.max_steps=12"]
+    external = None
+    if where == "external":
+        external = LocalServer.start(tmp_path / "external")
+        cmd.append(f"mlflow.tracking_uri={external.uri}")
+    log = tmp_path / "sweep.log"
+    try:
+        with log.open("w") as out:
+            driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                      env=_env(tmp_path), cwd=tmp_path)
+        trials = storage / "down" / "trials"
+        _wait_for(lambda: any(trials.glob("*/checkpoints/step=4.ckpt")), 300, "first checkpoint",
+                  driver, log)
+        if external is not None:
+            external.stop()
+        else:
+            (server,) = _mlflow_server_pids(driver.pid)
+            os.killpg(server, signal.SIGKILL)
+        # training goes on while the server is away
+        _wait_for(lambda: any(trials.glob("*/checkpoints/step=8.ckpt")), 300,
+                  "a checkpoint while MLflow was down", driver, log)
+        if external is not None:
+            external = LocalServer.start(tmp_path / "external", port=external.port)
+        rc = driver.wait(timeout=600)
+        text = log.read_text()
+        assert rc == 0, text[-3000:]
+        record = json.loads((storage / "down" / "best.json").read_text())
+        assert record["complete"] and all(t["state"] == "DONE" for t in record["trials"])
+        assert not list(trials.glob(f"*/{'mlflow_unsent.json'}"))
+        if external is not None:
+            _series_complete(external.uri, record)
+        else:
+            assert "starting it again" in text and "answers again" in text
+            with LocalServer.start(tmp_path / "mlflow") as srv:
+                _series_complete(srv.uri, record)
+    finally:
+        if external is not None:
+            external.stop()
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_mlflow_server_never_returns_says_what_is_missing(tmp_path):
+    """The server goes for good: the trials finish, the sweep ends (exit 1) with one line naming
+    the runs and what they miss; best.json and checkpoints are on disk, the values kept."""
+    from orchestrator.mlflow_server import LocalServer
+
+    storage = tmp_path / "storage"
+    external = LocalServer.start(tmp_path / "external")
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=gone",
+           f"storage={storage}", "trials=2", "trainer.max_steps=12",
+           f"mlflow.tracking_uri={external.uri}"]
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
+                                  cwd=tmp_path)
+    trials = storage / "gone" / "trials"
+    _wait_for(lambda: any(trials.glob("*/checkpoints/step=4.ckpt")), 300, "first checkpoint",
+              driver, log)
+    external.stop()
+    children = descendants(driver.pid)
+    rc = driver.wait(timeout=600)
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
+    (line,) = [x for x in text.splitlines() if x.startswith(f"slotsweep: MLflow at {external.uri}")]
+    record = json.loads((storage / "gone" / "best.json").read_text())
+    for t in record["trials"]:
+        assert t["state"] == "DONE" and t["checkpoint"], t
+        assert f"for run {t['mlflow_run_id']} (trial {t['trial_id']})" in line, line
+        assert (Path(t["run_dir"]) / "mlflow_unsent.json").is_file()
+    assert "metric values (steps" in line and "best.json" in line
+    _no_orphans(children)

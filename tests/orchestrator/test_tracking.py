@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from mlflow import MlflowClient
 from core.config import flatten, load_config
 from core.errors import SlotsweepError, one_line
 from core.names import (
+    TAG_FEATURE_CACHE,
     TAG_GIT,
     TAG_KIND,
     TAG_PARENT,
@@ -26,6 +28,7 @@ from core.names import (
     TAG_SWEEP_KEY,
     TAG_TRIAL,
     TRACKING_URI_ENV,
+    UNSENT_JSON,
 )
 from core.train import train
 from orchestrator import mlflow_runs
@@ -42,6 +45,7 @@ from orchestrator.mlflow_runs import (
     log_params,
     runs_of_sweep,
 )
+from orchestrator.mlflow_sender import send_saved
 from orchestrator.mlflow_server import LocalServer, check_tracking_uri, resolve_tracking_uri
 from orchestrator.trial_logger import TrialLogger
 
@@ -199,33 +203,88 @@ def test_trial_logger_logs_a_real_training_run(client, experiment, server, tmp_p
 
 
 class _Broken:
-    def __init__(self, failures: int) -> None:
-        self.failures, self.calls = failures, 0
+    """A client whose calls fail while ``down`` is set; records what arrived."""
 
-    def log_batch(self, *args, **kwargs) -> None:
+    def __init__(self, down: bool = False) -> None:
+        self.down, self.calls, self.logged = down, 0, []
+        self.params: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+
+    def _call(self) -> None:
         self.calls += 1
-        if self.calls <= self.failures:
+        if self.down:
+            time.sleep(0.05)
             raise ConnectionError("server went away\nsecond line")
 
+    def get_run(self, run_id):
+        self._call()
+        return SimpleNamespace(data=SimpleNamespace(params=dict(self.params)))
 
-def _trainer(rank0: bool = True, step: int = 4) -> SimpleNamespace:
+    def set_tag(self, run_id, key, value) -> None:
+        self._call()
+        self.tags[key] = value
+
+    def list_artifacts(self, *args):
+        self._call()
+        return []
+
+    def log_artifact(self, *args) -> None:
+        self._call()
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()) -> None:
+        self._call()
+        self.logged += [(m.key, m.step) for m in metrics]
+        self.params.update({p.key: p.value for p in params})
+        self.tags.update({t.key: t.value for t in tags})
+
+
+def _trainer(rank0: bool = True, step: int = 4, root: str = ".") -> SimpleNamespace:
     metrics = {"train/loss": torch.tensor(1.5), "val/ari": torch.tensor(0.5)}
     return SimpleNamespace(is_global_zero=rank0, global_step=step, log_every_n_steps=2,
-                           max_steps=100, callback_metrics=metrics, sanity_checking=False)
+                           max_steps=100, callback_metrics=metrics, sanity_checking=False,
+                           default_root_dir=root)
 
 
-def test_trial_logger_retries_then_warns_and_never_raises(capsys):
+def test_a_dead_server_never_blocks_training_and_values_arrive_when_it_is_back(capsys):
     logger = TrialLogger("http://127.0.0.1:1", "run")
-    logger.retry_delays = (0.0, 0.0, 0.0)
-    logger._client = flaky = _Broken(failures=2)
-    logger.on_train_batch_end(_trainer(), None, None, None, 0)
-    assert flaky.calls == 3 and capsys.readouterr().err == ""  # transient: retried, logged
-    logger._client = broken = _Broken(failures=99)
-    logger.on_train_batch_end(_trainer(step=6), None, None, None, 0)
-    err = capsys.readouterr().err
-    assert broken.calls == 4 and err.count("\n") == 1 and "server went away" in err
-    logger.on_train_batch_end(_trainer(step=8), None, None, None, 0)
-    assert broken.calls == 4  # paused after a failure: training is not stalled at every step
+    logger.sender._client = client = _Broken(down=True)
+    logger.sender.max_delay_s = 0.2
+    start = time.monotonic()
+    for step in (2, 4, 6):
+        logger.on_train_batch_end(_trainer(step=step), None, None, None, 0)
+    assert time.monotonic() - start < 0.05  # the training thread only queues
+    assert not logger.sender.wait_idle(1.0) and client.calls >= 2  # retried, in order
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "server went away" in err[0] and "training continues" in err[0]
+    client.down = False  # the server is back
+    assert logger.sender.wait_idle(5.0)
+    assert client.logged == [("train/loss", 2), ("train/loss", 4), ("train/loss", 6)]
+    assert "answers again" in capsys.readouterr().err
+
+
+def test_values_unsent_at_the_end_are_kept_then_sent_by_the_next_process(tmp_path, capsys):
+    logger = TrialLogger("http://127.0.0.1:1", "run", params={"lr": 0.001})
+    logger.flush_s = 0.3
+    logger.sender._client = _Broken(down=True)
+    logger.on_fit_start(_trainer(root=str(tmp_path)), SimpleNamespace())
+    for step in (2, 4):
+        logger.on_train_batch_end(_trainer(step=step), None, None, None, 0)
+    logger.on_validation_end(_trainer(step=4), None)
+    logger.finish(tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "MLflow run run misses 3 metric values (steps 2-4)" in err and str(tmp_path) in err
+    kept = json.loads((tmp_path / UNSENT_JSON).read_text())
+    assert sorted((m["key"], m["step"]) for m in kept["metrics"]) == [
+        ("train/loss", 2), ("train/loss", 4), ("val/ari", 4)]
+    assert "artifact upload" in kept["other"]
+    assert kept["params"] == {"lr": 0.001} and kept["tags"] == {TAG_FEATURE_CACHE: "none"}
+    back = _Broken()
+    assert send_saved(back, tmp_path) == "artifact upload"  # no uploader given: still missing
+    assert sorted(back.logged) == [("train/loss", 2), ("train/loss", 4), ("val/ari", 4)]
+    assert back.params == {"lr": "0.001"} and back.tags == {TAG_FEATURE_CACHE: "none"}
+    uploads = []
+    assert send_saved(back, tmp_path, lambda: uploads.append(1)) is None and uploads == [1]
+    assert len(back.logged) == 3 and not (tmp_path / UNSENT_JSON).exists()  # sent once
 
 
 def test_one_line_is_the_first_line_or_the_type():
@@ -244,11 +303,11 @@ def test_the_server_module_starts_without_mlflow():
 
 def test_trial_logger_is_silent_on_other_ranks_and_between_log_steps():
     logger = TrialLogger("http://127.0.0.1:1", "run")
-    logger._client = spy = _Broken(failures=0)
+    logger.sender._client = spy = _Broken()
     logger.on_train_batch_end(_trainer(rank0=False), None, None, None, 0)
     logger.on_validation_end(_trainer(rank0=False), None)
     logger.on_train_batch_end(_trainer(step=3), None, None, None, 0)  # log_every_n_steps=2
-    assert spy.calls == 0
+    assert logger.sender.wait_idle(1.0) and spy.calls == 0
 
 
 def test_server_start_failures_are_one_line(server, tmp_path):

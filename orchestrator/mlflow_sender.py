@@ -1,0 +1,230 @@
+"""A run's MLflow calls sent from a background thread, so tracking trouble never stops training.
+
+Calls go out in the order they were made. A call that fails stays first in line and is tried
+again after a pause that doubles up to ``max_delay_s`` (MLflow's own client retries each HTTP
+request for minutes by default; here it is cut to one retry, so the pause is ours). The line holds
+at most ``capacity`` calls; when it is full the oldest metric batch is dropped and counted. At the
+end, :meth:`MlflowSender.close` waits up to a deadline; what is still unsent is returned, so the
+caller can keep the metric values on disk and send them when the server is back
+(:func:`save_unsent`, :func:`send_saved`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from core.errors import one_line
+from core.names import UNSENT_JSON
+from orchestrator.mlflow_runs import log_params
+
+ARTIFACT_UPLOAD = "artifact upload"  # the name of a run folder's upload job
+# A trial's own calls: MLflow's client alone retries a dead server ~4 min per call by default.
+_HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+@dataclass
+class Job:
+    """One MLflow call: ``call(client)``. What it carries is kept if it stays unsent, so another
+    process can send it: ``metrics`` (values), ``params`` or ``tags`` (name -> value)."""
+
+    what: str
+    call: Callable[[MlflowClient], Any]
+    metrics: list[Metric] | None = None
+    params: dict[str, Any] | None = None
+    tags: dict[str, str] | None = None
+
+
+def _warn(message: str) -> None:
+    print(f"slotsweep: warning: {message}", file=sys.stderr, flush=True)
+
+
+class MlflowSender:
+    """The background line of one run's MLflow calls (see the module docstring)."""
+
+    capacity = 10_000
+    max_delay_s = 30.0
+
+    def __init__(self, tracking_uri: str, run_id: str,
+                 client: MlflowClient | None = None) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._client = client
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._hurry = False  # closing: retry every second until the deadline, not on back-off
+        self._thread: threading.Thread | None = None
+        self.dropped = 0  # metric values dropped because the line was full
+        self.failing_since: float | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def submit(self, what: str, call: Callable[[MlflowClient], Any],
+               metrics: list[Metric] | None = None, params: dict[str, Any] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+        """Queue ``call`` (carrying ``metrics``, ``params`` or ``tags``); returns at once."""
+        with self._cond:
+            if len(self._jobs) >= self.capacity:
+                oldest = next((j for j in self._jobs if j.metrics is not None), None)
+                if oldest is None:
+                    return  # a line full of non-metric calls: this one is the one to drop
+                self._jobs.remove(oldest)
+                self.dropped += len(oldest.metrics or [])
+            self._jobs.append(Job(what, call, metrics, params, tags))
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name=f"mlflow-{self.run_id[:8]}")
+                self._thread.start()
+
+    def _run(self) -> None:
+        os.environ.setdefault(_HTTP_RETRIES_ENV, "1")
+        delay = 0.0
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closing:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs[0]
+            try:
+                job.call(self.client)
+            except Exception as exc:
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                    _warn(f"MLflow {job.what} failed for run {self.run_id} ({one_line(exc)}); "
+                          "training continues, calls are kept and sent when it answers")
+                delay = 1.0 if self._hurry else min(max(1.0, 2 * delay), self.max_delay_s)
+                with self._cond:
+                    if not self._hurry:
+                        self._cond.wait(timeout=delay)
+                if self._hurry:  # woken by close(): a short pause, outside the lock
+                    time.sleep(delay)
+                continue
+            with self._cond:
+                if self._jobs and self._jobs[0] is job:
+                    self._jobs.popleft()
+                self._cond.notify_all()
+            if self.failing_since is not None:
+                _warn(f"MLflow answers again for run {self.run_id} after "
+                      f"{time.monotonic() - self.failing_since:.0f} s: kept calls sent")
+                self.failing_since = None
+            delay = 0.0
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued call is sent (True) or ``timeout`` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._jobs:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 0.5))
+        return True
+
+    def close(self, timeout: float) -> list[Job]:
+        """Send what is queued within ``timeout`` seconds; return the calls left unsent."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()  # a line waiting out a long back-off tries again now
+        self.wait_idle(timeout)
+        with self._cond:
+            self._closing = True
+            unsent = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        return unsent
+
+
+def _metric_dicts(metrics: list[Metric]) -> list[dict[str, Any]]:
+    return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+            for m in metrics]
+
+
+def save_unsent(run_dir: Path, run_id: str, unsent: list[Job], dropped: int = 0) -> str:
+    """Keep unsent metric values in ``<run_dir>/mlflow_unsent.json`` (added to any kept before);
+    returns one line saying what the run misses."""
+    path = Path(run_dir) / UNSENT_JSON
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    for key, empty in (("metrics", []), ("other", []), ("params", {}), ("tags", {})):
+        kept.setdefault(key, empty)
+    for job in unsent:
+        if job.metrics is not None:
+            kept["metrics"] += _metric_dicts(job.metrics)
+        elif job.params is not None:
+            kept["params"].update(job.params)
+        elif job.tags is not None:
+            kept["tags"].update(job.tags)
+        elif job.what not in kept["other"]:
+            kept["other"].append(job.what)
+    kept["run_id"], kept["dropped"] = run_id, kept.get("dropped", 0) + dropped
+    path.write_text(json.dumps(kept, indent=1, default=str))
+    return describe_unsent(kept)
+
+
+def describe_unsent(kept: dict[str, Any]) -> str:
+    """``12 metric values (steps 4-12), artifacts config.yaml`` and the like."""
+    parts = []
+    if kept["metrics"]:
+        steps = [m["step"] for m in kept["metrics"]]
+        parts.append(f"{len(steps)} metric values (steps {min(steps)}-{max(steps)})")
+    if kept.get("dropped"):
+        parts.append(f"{kept['dropped']} metric values dropped (the line was full)")
+    if kept.get("params"):
+        parts.append(f"{len(kept['params'])} params")
+    if kept.get("tags"):
+        parts.append(f"tags {', '.join(sorted(kept['tags']))}")
+    if kept["other"]:
+        parts.append(", ".join(dict.fromkeys(kept["other"])))
+    return "; ".join(parts) or "nothing"
+
+
+def send_saved(client: MlflowClient, run_dir: Path,
+               upload: Callable[[], None] | None = None) -> str | None:
+    """Send what ``run_dir`` keeps from :func:`save_unsent`: metric values, params, tags and
+    (``upload``: the run folder's uploader) the artifacts. Returns None when there was nothing or
+    all went out, else what the run still misses (kept for the next try)."""
+    path = Path(run_dir) / UNSENT_JSON
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    while kept["metrics"]:
+        batch = kept["metrics"][:1000]
+        try:
+            client.log_batch(kept["run_id"], metrics=[Metric(**m) for m in batch])
+        except Exception:
+            path.write_text(json.dumps(kept, indent=1, default=str))  # only what is still unsent
+            return describe_unsent(kept)
+        kept["metrics"] = kept["metrics"][1000:]
+    try:
+        if kept.get("params"):
+            log_params(client, kept["run_id"], kept["params"])
+            kept["params"] = {}
+        for key, value in dict(kept.get("tags", {})).items():
+            client.set_tag(kept["run_id"], key, value)
+            del kept["tags"][key]
+        if upload is not None and ARTIFACT_UPLOAD in kept["other"]:
+            upload()
+            kept["other"] = [w for w in kept["other"] if w != ARTIFACT_UPLOAD]
+    except Exception:
+        pass  # said below, kept for the next try
+    if kept["other"] or kept.get("dropped") or kept.get("params") or kept.get("tags"):
+        path.write_text(json.dumps(kept, indent=1, default=str))
+        return describe_unsent(kept)
+    path.unlink()
+    return None

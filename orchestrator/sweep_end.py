@@ -1,0 +1,82 @@
+"""The end of a sweep in MLflow: trials' kept values, best.json, the runs' ends, the best trial.
+
+Every call here may meet a server that is gone; what could not be recorded is returned, one
+phrase per run, for the sweep's one closing line (its results stay on disk either way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from core.errors import one_line
+from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, TAG_PARTIAL
+from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run
+from orchestrator.mlflow_sender import send_saved
+from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED
+from orchestrator.trial_logger import TrialLogger
+
+
+def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
+    """Trials the scheduler stopped were ended from outside: close their runs here and give
+    them their best checkpoint, as finished trials have."""
+    status = {DONE: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", DIVERGED: "FAILED",
+              INTERRUPTED: "KILLED"}
+    for t in trials:
+        run_id = t["mlflow_run_id"]
+        if not run_id:
+            continue
+        if t["state"] in (DONE, STOPPED) and t["checkpoint"]:
+            uploaded = {a.path for a in client.list_artifacts(run_id, ARTIFACT_CHECKPOINT)}
+            if f"{ARTIFACT_CHECKPOINT}/{BEST_CHECKPOINT_FILE}" not in uploaded:
+                client.log_artifact(run_id, t["checkpoint"], ARTIFACT_CHECKPOINT)
+        if client.get_run(run_id).info.status == "RUNNING":
+            finish_run(client, run_id, status[t["state"]])
+
+
+def record_end(client: Any, uri: str, parent: str, sweep_dir: Path,
+               trials: list[dict[str, Any]], best: dict[str, Any] | None, status: str,
+               partial: str) -> list[str]:
+    """Put the sweep's end into MLflow: values trials kept while the server was away, best.json,
+    the trial runs' ends, the best trial's metrics and tags, the parent run's status. Returns
+    what MLflow still misses, one phrase per run (empty: everything is recorded)."""
+    missing = []
+    with _short_http_retries():
+        for t in trials:
+            run_dir, run_id = Path(t["run_dir"]), t["mlflow_run_id"]
+            uploader = TrialLogger(uri, run_id).upload_artifacts if run_id else None
+            left = send_saved(client, run_dir, uploader and (lambda u=uploader, d=run_dir: u(d)))
+            if left:
+                missing.append(f"for run {t['mlflow_run_id']} (trial {t['trial_id']}) {left}")
+        try:
+            client.log_artifact(parent, str(sweep_dir / BEST_JSON))
+            _close_trial_runs(client, trials)
+            if best is not None:
+                for name, value in best["metrics"].items():
+                    if value is not None:
+                        client.log_metric(parent, f"best/{name}", float(value))
+                client.set_tag(parent, "best_trial", best["trial_id"])
+                if best["mlflow_run_id"]:
+                    client.set_tag(parent, "best_run_id", best["mlflow_run_id"])
+            client.set_tag(parent, TAG_PARTIAL, partial)
+            finish_run(client, parent, status)
+        except Exception as exc:
+            missing.append(f"the end of the sweep run {parent} ({one_line(exc)})")
+    return missing
+
+
+@contextlib.contextmanager
+def _short_http_retries() -> Iterator[None]:
+    """One HTTP retry per MLflow call (its default backs off for minutes on a dead server);
+    a value the user set wins."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    added = key not in os.environ
+    os.environ.setdefault(key, "1")
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop(key, None)
