@@ -9,6 +9,7 @@ TensorBoard events and ``visualizations/step=N.png``. Checkpoints are read by
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from core.config import Config, save_config
-from core.errors import ConfigError
+from core.errors import ConfigError, SlotsweepError
 from core.names import CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME
 from core.training.checkpoint import load_weights, read_checkpoint, stage_of
 from core.training.trainer import build_trainer, is_rank_zero, prepare_process, run_dir_for
@@ -77,6 +78,31 @@ def feature_cache_for(cfg: Config, encoder: Any, datamodule: Any, say: bool = Tr
     return cache
 
 
+# PyTorch's message when a DataLoader worker process dies of a signal (torch/utils/data/_utils/
+# signal_handling.py and dataloader.py): "DataLoader worker (pid 123) is killed by signal: ...".
+_LOADER_KILLED = re.compile(r"DataLoader worker \(pid(?:\(s\))? [^)]*\) (is killed by signal: "
+                            r"[^.\n]*|exited unexpectedly)")
+
+
+class LoaderKilledError(SlotsweepError):
+    """A data-loading worker died (out of memory, a cluster's kill): training stopped, the last
+    checkpoint is on disk."""
+
+    def __init__(self, what: str, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+        where = (f"the last checkpoint is {checkpoint}" if checkpoint is not None
+                 else "no checkpoint was written yet")
+        super().__init__(f"a data-loading worker died ({what}; out of memory? lower "
+                         f"dataset.num_workers or dataset.batch_size); {where}")
+
+
+def _newest(folder: Path) -> Path | None:
+    from core.training.callbacks import step_of
+
+    steps = sorted(folder.glob("step=*.ckpt"), key=step_of)
+    return steps[-1] if steps else None
+
+
 def train(
     cfg: Config,
     callbacks: Sequence[Any] = (),
@@ -132,7 +158,13 @@ def train(
         save_config(cfg, run_dir / RESOLVED_CONFIG_NAME)
     trainer, best = build_trainer(cfg, run_dir, datamodule, callbacks, precision=precision,
                                   progress_bar=progress_bar, trainer_kwargs=trainer_kwargs)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except RuntimeError as exc:
+        killed = _LOADER_KILLED.search(str(exc))
+        if killed is None:
+            raise
+        raise LoaderKilledError(killed.group(0), _newest(run_dir / CHECKPOINTS_DIRNAME)) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     restored = (ckpt or {}).get(METRICS_KEY) or {}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -388,3 +391,32 @@ def test_a_full_disk_mid_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch
     assert train_main(["tiny", *FAST, "trainer.max_steps=6", "--continue",
                        str(ckpts / "step=2.ckpt")]) == 0
     assert (ckpts / "step=6.ckpt").is_file()
+
+
+def test_a_killed_data_loading_worker_is_one_line_with_the_continue_command(tmp_path):
+    """SIGTERM to a DataLoader worker (an OOM killer or a cluster would send it): the run stops
+    with one line naming the last checkpoint and the --continue command, not a traceback."""
+    from processes import alive, descendants
+
+    cmd = [sys.executable, "-m", "core.train", "tiny", "dataset.num_workers=1",
+           "trainer.max_steps=400", "trainer.checkpoint_every=2", "--log-dir", str(tmp_path)]
+    env = {**os.environ, "SLOTSWEEP_CACHE": os.environ["SLOTSWEEP_CACHE"]}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[2])
+    ckpts = tmp_path / "tiny" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(ckpts.glob("step=*.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    workers = alive(descendants(proc.pid))
+    assert workers, "no DataLoader worker process"
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err, err[-3000:]
+    assert line.startswith("slotsweep: training stopped: a data-loading worker died (DataLoader "
+                           "worker (pid "), line
+    assert "is killed by signal: Terminated" in line
+    assert f"continue with: slotsweep train tiny --continue {ckpts}/step=" in line
