@@ -30,13 +30,14 @@ _LOG_MARK = "--- slotsweep: starting mlflow server"
 _ERROR_LINE = re.compile(r"^[\w.]+(Error|Exception)\b|\bERROR\b")
 
 
-def _urlopen(url: str, timeout: float):
+def _urlopen(url: str, timeout: float, headers: dict[str, str] | None = None):
     """GET without proxies for the loopback (a proxy cannot reach our 127.0.0.1)."""
+    request = urllib.request.Request(url, headers=headers or {})
     host = urllib.parse.urlsplit(url).hostname or ""
     if host in ("127.0.0.1", "localhost", "::1"):
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        return opener.open(url, timeout=timeout)
-    return urllib.request.urlopen(url, timeout=timeout)
+        return opener.open(request, timeout=timeout)
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def _free_port() -> int:
@@ -184,28 +185,86 @@ def mlflow_root() -> Path:
     return Path(os.environ.get(MLFLOW_DIR_ENV, Path.cwd() / "runs" / "mlflow")).resolve()
 
 
-def check_tracking_uri(uri: str) -> None:
+def _login(uri: str) -> dict[str, str] | None:
+    """The Authorization header MLflow's client sends to ``uri`` (from MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD, ``~/.mlflow/credentials`` or MLFLOW_TRACKING_TOKEN, as
+    ``mlflow.utils.rest_utils`` does): ``{}`` for none, None when the client signs its requests
+    another way (AWS SigV4, an auth plugin), which only the client itself can reproduce."""
+    import base64
+
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)
+    if creds.aws_sigv4 or creds.auth:
+        return None
+    if creds.username and creds.password:
+        pair = base64.standard_b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    return {"Authorization": f"Bearer {creds.token}"} if creds.token else {}
+
+
+def _refused(uri: str, code: int, login: dict[str, str]) -> str:
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_PASSWORD,
+        MLFLOW_TRACKING_TOKEN,
+        MLFLOW_TRACKING_USERNAME,
+    )
+
+    names = f"{MLFLOW_TRACKING_USERNAME.name} / {MLFLOW_TRACKING_PASSWORD.name}"
+    sent = login.get("Authorization", "")
+    if sent.startswith("Bearer "):
+        names = MLFLOW_TRACKING_TOKEN.name
+    if code == 403:
+        return (f"MLflow at {uri} refused access (HTTP 403): check {names} and the user's "
+                "permissions")
+    if not sent:
+        return f"MLflow at {uri} needs a login (HTTP 401): set {names}"
+    return f"MLflow at {uri} refused the credentials (HTTP 401): check {names}"
+
+
+def _check_server(uri: str, own_login: bool) -> None:
+    """The server answers, and takes the login MLflow's client would send (HTTP 401/403 are
+    one line: ``/health`` needs no login on a basic-auth server, so a search tests it)."""
+    base = uri.rstrip("/")
+    try:
+        try:
+            with _urlopen(f"{base}/health", timeout=5):
+                healthy = True
+        except urllib.error.HTTPError:  # a proxy or an old server without /health
+            healthy = False
+        login = _login(uri)
+        if login is None and healthy:
+            return
+        try:
+            with _urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", 5,
+                          login):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403) and (own_login or login):
+                raise SlotsweepError(_refused(uri, exc.code, login or {})) from None
+            if healthy:  # it answers; the API's own errors are the client's to report
+                return
+            raise
+    except _HTTP_ERRORS as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise SlotsweepError(f"MLflow tracking server {uri} is unreachable ({reason}): start "
+                             f"it or fix mlflow.tracking_uri / {TRACKING_URI_ENV}") from None
+
+
+def check_tracking_uri(uri: str, own_login: bool = True) -> None:
     """Fail fast (one line) on a tracking URI a sweep would lose runs to or cannot reach.
 
-    Servers (http/https) must answer; absolute ``sqlite:////...`` and SQL databases pass (SQLite
-    says "database is locked" with many parallel trials: prefer a server); relative paths, file
-    stores and unknown schemes fail.
+    Servers (http/https) must answer and accept MLflow's login from this environment (with
+    ``own_login=False``, for a Ray job whose nodes may bring their own, only a login given here
+    is checked); absolute ``sqlite:////...`` and SQL databases pass (SQLite says "database is
+    locked" with many parallel trials: prefer a server); relative paths, file stores and
+    unknown schemes fail.
     """
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        base = uri.rstrip("/")
-        try:
-            try:
-                with _urlopen(f"{base}/health", timeout=5):
-                    return
-            except urllib.error.HTTPError:  # a proxy or an old server without /health
-                with _urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", 5):
-                    return
-        except _HTTP_ERRORS as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise SlotsweepError(f"MLflow tracking server {uri} is unreachable ({reason}): start "
-                                 f"it or fix mlflow.tracking_uri / {TRACKING_URI_ENV}") from None
+        _check_server(uri, own_login)
+        return
     if scheme == "sqlite":
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
         if not path.startswith("/"):

@@ -206,7 +206,7 @@ def job_uri(spec: specs.SweepSpec, mlflow_uri: str | None) -> str:
     uri = (mlflow_uri or "").strip() or resolve_tracking_uri(spec.mlflow.tracking_uri)
     if not uri:
         raise SlotsweepError(NO_MLFLOW)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, own_login=False)  # the nodes may log in with their own
     return uri
 
 

@@ -318,6 +318,7 @@ def test_mlflow_image_matches_the_pinned_mlflow_and_has_the_store_drivers():
     assert requirement("mlflow").specifier.contains(match.group(1))
     installs = " ".join(args_of(instructions, "RUN"))
     assert "pip install" in installs and {"psycopg2-binary", "boto3"} <= set(installs.split())
+    assert '"Flask-WTF<2"' in installs.split()  # mlflow[auth]: the basic-auth app needs it
 
 
 # --------------------------------------------------------------------------- agreement
@@ -409,7 +410,9 @@ def test_credentials_agree_between_services(dotenv):
         user, password)
     pg = services["postgres"]["environment"]
     store = urllib.parse.urlsplit(option(command(mlflow), "--backend-store-uri"))
-    assert (store.scheme, store.hostname, store.port) == ("postgresql", "postgres", 5432)
+    # the driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, not psycopg2
+    assert (store.scheme, store.hostname, store.port) == (
+        "postgresql+psycopg2", "postgres", 5432)
     assert (store.username, store.password, store.path) == (
         pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], "/" + pg["POSTGRES_DB"])
     admin = (mlflow["environment"]["MLFLOW_AUTH_ADMIN_USERNAME"],
