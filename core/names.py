@@ -29,6 +29,7 @@ BEST_JSON = "best.json"  # the best step's metrics (a run's, or a sweep's best t
 LAST_CHECKPOINT = "last.ckpt"  # a trial's newest checkpoint, handed to Ray Tune
 VISUALS_DIRNAME = "visualizations"  # slot pictures, visualizations/step=N.png
 UNSENT_JSON = "mlflow_unsent.json"  # metric values a trial could not send to MLflow (yet)
+MLFLOW_JOURNAL = "mlflow_journal.jsonl"  # metric values queued / sent by a live trial process
 
 # ---------------------------------------------------------------- MLflow tags (orchestrator)
 TAG_SWEEP = "slotsweep.sweep"  # a run's sweep name

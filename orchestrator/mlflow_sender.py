@@ -44,6 +44,7 @@ class Job:
     metrics: list[Metric] | None = None
     params: dict[str, Any] | None = None
     tags: dict[str, str] | None = None
+    number: int | None = None  # its entry in the journal
 
 
 def _warn(message: str) -> None:
@@ -66,6 +67,10 @@ class MlflowSender:
         self._hurry = False  # closing: retry every second until the deadline, not on back-off
         self._thread: threading.Thread | None = None
         self.dropped = 0  # metric values dropped because the line was full
+        # metric batches written here as they are queued and again when sent: what a killed
+        # process had queued but not sent is read back by the run's next process
+        self.journal: Path | None = None
+        self._numbered = 0
         self.failing_since: float | None = None
 
     @property
@@ -85,7 +90,12 @@ class MlflowSender:
                     return  # a line full of non-metric calls: this one is the one to drop
                 self._jobs.remove(oldest)
                 self.dropped += len(oldest.metrics or [])
-            self._jobs.append(Job(what, call, metrics, params, tags))
+            job = Job(what, call, metrics, params, tags)
+            if self.journal is not None and metrics is not None:
+                self._numbered += 1
+                job.number = self._numbered
+                self._note({"queued": job.number, "metrics": _metric_dicts(metrics)})
+            self._jobs.append(job)
             self._cond.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -119,12 +129,22 @@ class MlflowSender:
             with self._cond:
                 if self._jobs and self._jobs[0] is job:
                     self._jobs.popleft()
+                if job.number is not None:
+                    self._note({"sent": job.number})
                 self._cond.notify_all()
             if self.failing_since is not None:
                 _warn(f"MLflow answers again for run {self.run_id} after "
                       f"{time.monotonic() - self.failing_since:.0f} s: kept calls sent")
                 self.failing_since = None
             delay = 0.0
+
+    def _note(self, entry: dict[str, Any]) -> None:
+        """One journal line (called under the line's lock; a failed write only loses safety)."""
+        try:
+            with open(self.journal, "a") as f:  # type: ignore[arg-type]
+                f.write(json.dumps(entry) + "\n")
+        except OSError:
+            self.journal = None
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued call is sent (True) or ``timeout`` seconds pass (False)."""
@@ -228,3 +248,20 @@ def send_saved(client: MlflowClient, run_dir: Path,
         return describe_unsent(kept)
     path.unlink()
     return None
+
+
+def journal_pending(path: Path) -> list[Metric]:
+    """Metric values a journal records as queued and never as sent (its process died first)."""
+    if not path.is_file():
+        return []
+    queued: dict[int, list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # the last line of a process killed mid-write
+            continue
+        if "queued" in entry:
+            queued[entry["queued"]] = entry["metrics"]
+        elif "sent" in entry:
+            queued.pop(entry["sent"], None)
+    return [Metric(**m) for batch in queued.values() for m in batch]

@@ -163,7 +163,8 @@ def train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index:
     if rank_zero:
         (run_dir / "trial.json").write_text(json.dumps(
             {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
-             "mlflow_run_id": run_id, "seed": cfg.seed}, indent=1, default=str))
+             "mlflow_run_id": run_id, "seed": cfg.seed, "pid": os.getpid()}, indent=1,
+            default=str))
     result = train(
         cfg, callbacks, data_dir=ctx.spec.data_dir, run_dir=run_dir,
         continue_from=continue_from, progress_bar=False,

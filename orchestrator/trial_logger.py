@@ -22,6 +22,7 @@ from mlflow.entities import Metric
 from core.names import (
     BEST_CHECKPOINT_FILE,
     CHECKPOINTS_DIRNAME,
+    MLFLOW_JOURNAL,
     RESOLVED_CONFIG_NAME,
     TAG_FEATURE_CACHE,
     VISUALS_DIRNAME,
@@ -33,7 +34,13 @@ from orchestrator.mlflow_runs import (
     ARTIFACT_VISUALS,
     log_params,
 )
-from orchestrator.mlflow_sender import ARTIFACT_UPLOAD, MlflowSender, save_unsent, send_saved
+from orchestrator.mlflow_sender import (
+    ARTIFACT_UPLOAD,
+    MlflowSender,
+    journal_pending,
+    save_unsent,
+    send_saved,
+)
 
 
 class TrialLogger(pl.Callback):
@@ -56,6 +63,9 @@ class TrialLogger(pl.Callback):
         self._listed = False
         self._last_step = -1
         self._restored: dict[str, Any] | None = None
+        # resumed: steps the run already holds, per key (read once, by the line's thread), so a
+        # step trained again after a crash is not logged twice
+        self._held: dict[str, set[int]] | None = None
 
     @property
     def client(self) -> MlflowClient:
@@ -72,8 +82,16 @@ class TrialLogger(pl.Callback):
         for start in range(0, len(metrics), 1000):
             chunk = metrics[start : start + 1000]
             self.sender.submit(f"{prefix}* metrics at step {step}",
-                               lambda c, chunk=chunk: c.log_batch(self.run_id, metrics=chunk),
-                               metrics=chunk)
+                               lambda c, chunk=chunk: self._send_new(c, chunk), metrics=chunk)
+
+    def _send_new(self, client: MlflowClient, metrics: list[Metric]) -> None:
+        """``log_batch`` of the values whose (key, step) the run does not hold yet."""
+        if self._held is not None:
+            for key in {m.key for m in metrics} - set(self._held):
+                self._held[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+            metrics = [m for m in metrics if m.step not in self._held[m.key]]
+        if metrics:
+            client.log_batch(self.run_id, metrics=metrics)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -81,6 +99,14 @@ class TrialLogger(pl.Callback):
         run_dir = Path(trainer.default_root_dir)
         self.sender.submit("values kept from an earlier process", lambda c: _raise_if(
             send_saved(c, run_dir, lambda: self.upload_artifacts(run_dir))))
+        journal = run_dir / MLFLOW_JOURNAL
+        lost = journal_pending(journal)  # queued by a process killed before it sent them
+        journal.unlink(missing_ok=True)
+        self.sender.journal = journal
+        if lost:
+            self._held = self._held if self._held is not None else {}
+            self.sender.submit("values queued by a killed process",
+                               lambda c: self._send_new(c, lost), metrics=lost)
         params = self.params
         if params is None and hasattr(pl_module, "cfg"):
             from core.config import flatten
@@ -102,18 +128,16 @@ class TrialLogger(pl.Callback):
 
     def _log_missing(self, client: MlflowClient, restored: dict[str, Any]) -> None:
         """Log the restore point's values the run does not hold yet (never twice)."""
-        step = int(restored["step"])
-        stamp = int(time.time() * 1000)
-        missing = [Metric(key, float(value), stamp, step)
-                   for key, value in restored["metrics"].items()
-                   if key.startswith(("train/", "val/"))
-                   and not any(m.step == step for m in client.get_metric_history(self.run_id, key))]
-        if missing:
-            client.log_batch(self.run_id, metrics=missing)
+        stamp, step = int(time.time() * 1000), int(restored["step"])
+        self._held = self._held if self._held is not None else {}
+        self._send_new(client, [Metric(key, float(value), stamp, step)
+                                for key, value in restored["metrics"].items()
+                                if key.startswith(("train/", "val/"))])
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._restored = checkpoint.get(METRICS_KEY)
+        self._held = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -144,6 +168,7 @@ class TrialLogger(pl.Callback):
     def finish(self, run_dir: Path) -> None:
         """Give the line ``flush_s`` seconds; keep what is left in ``run_dir`` with one line."""
         unsent = self.sender.close(self.flush_s)
+        (run_dir / MLFLOW_JOURNAL).unlink(missing_ok=True)  # sent, or kept below
         if unsent or self.sender.dropped:
             what = save_unsent(run_dir, self.run_id, unsent, self.sender.dropped)
             print(f"slotsweep: warning: MLflow run {self.run_id} misses {what}: kept in "

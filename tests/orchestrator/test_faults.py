@@ -246,3 +246,49 @@ def test_a_sweep_whose_mlflow_server_never_returns_says_what_is_missing(tmp_path
         assert (Path(t["run_dir"]) / "mlflow_unsent.json").is_file()
     assert "metric values (steps" in line and "best.json" in line
     _no_orphans(children)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["single", "ddp"])
+def test_a_killed_trial_process_is_restarted_from_its_checkpoint(tmp_path, kind):
+    """SIGKILL to a trial's training process (a DDP trial's rank 0 for `ddp`), not the driver:
+    Tune restarts the trial from its last checkpoint, it finishes in its one MLflow run, and the
+    run's series has every step once (no gap, no duplicate)."""
+    from mlflow import MlflowClient
+    from mlflow_runs import sweep_runs
+
+    from orchestrator.mlflow_server import LocalServer
+
+    storage = tmp_path / "storage"
+    extra = (["trials=1", "concurrency=1", "resources.workers=2"] if kind == "ddp"
+             else ["trials=2"])
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=kill",
+           f"storage={storage}", "trainer.max_steps=12", *extra]
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
+                                  cwd=tmp_path)
+    trials = storage / "kill" / "trials"
+
+    def midway() -> list[Path]:
+        return [p.parent.parent for p in trials.glob("*/checkpoints/step=4.ckpt")
+                if not (p.parent / "step=8.ckpt").exists()]
+
+    _wait_for(lambda: bool(midway()), 300, "a trial at step 4", driver, log)
+    victim = midway()[0]
+    os.kill(json.loads((victim / "trial.json").read_text())["pid"], signal.SIGKILL)
+    rc = driver.wait(timeout=900)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    record = json.loads((storage / "kill" / "best.json").read_text())
+    assert record["complete"] and all(t["state"] == "DONE" for t in record["trials"]), text[-3000:]
+    assert (victim / "checkpoints" / "step=12.ckpt").is_file()
+    with LocalServer.start(tmp_path / "mlflow") as srv:
+        _, children = sweep_runs(srv.uri, "quickstart")
+        assert len(children) == len(record["trials"])  # one run per trial, the killed one too
+        client = MlflowClient(srv.uri)
+        for t in record["trials"]:
+            run = t["mlflow_run_id"]
+            assert [m.step for m in client.get_metric_history(run, "val/ari")] == [4, 8, 12]
+            steps = [m.step for m in client.get_metric_history(run, "train/loss")]
+            assert sorted(steps) == list(range(1, 13)), steps

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from core.config import flatten, load_config
 from core.errors import SlotsweepError, one_line
 from core.names import (
+    MLFLOW_JOURNAL,
     TAG_FEATURE_CACHE,
     TAG_GIT,
     TAG_KIND,
@@ -45,7 +46,7 @@ from orchestrator.mlflow_runs import (
     log_params,
     runs_of_sweep,
 )
-from orchestrator.mlflow_sender import send_saved
+from orchestrator.mlflow_sender import journal_pending, send_saved
 from orchestrator.mlflow_server import LocalServer, check_tracking_uri, resolve_tracking_uri
 from orchestrator.trial_logger import TrialLogger
 
@@ -345,3 +346,26 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
     if _group_alive(server_pid):
         os.killpg(server_pid, signal.SIGKILL)
         pytest.fail("the MLflow server outlived the process that started it")
+
+
+def test_values_queued_by_a_killed_process_are_sent_by_the_next_one(tmp_path):
+    """The journal: a process killed with values still queued (never closed) leaves them on
+    disk; the run's next process sends them, skipping the steps the run already holds."""
+    first = TrialLogger("http://127.0.0.1:1", "run")
+    first.sender._client = _Broken(down=True)
+    first.on_fit_start(_trainer(root=str(tmp_path)), SimpleNamespace())
+    for step in (2, 4, 6):  # log_every_n_steps=2
+        first.on_train_batch_end(_trainer(step=step), None, None, None, 0)
+    # killed here: no finish()
+    assert sorted(m.step for m in journal_pending(tmp_path / MLFLOW_JOURNAL)) == [2, 4, 6]
+    second = TrialLogger("http://127.0.0.1:1", "run")
+    second.sender._client = client = _Broken()
+    client.logged = [("train/loss", 2)]  # step 2 had reached the server
+    client.get_metric_history = lambda run, key: [
+        SimpleNamespace(step=s) for k, s in client.logged if k == key]
+    second.on_load_checkpoint(None, None, {})  # resumed
+    second.on_fit_start(_trainer(root=str(tmp_path)), SimpleNamespace())
+    second.on_train_batch_end(_trainer(step=8), None, None, None, 0)
+    second.finish(tmp_path)
+    assert sorted(client.logged) == [("train/loss", s) for s in (2, 4, 6, 8)]
+    assert not (tmp_path / MLFLOW_JOURNAL).exists()
