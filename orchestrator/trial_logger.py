@@ -92,6 +92,9 @@ class TrialLogger(pl.Callback):
             metrics = [m for m in metrics if m.step not in self._held[m.key]]
         if metrics:
             client.log_batch(self.run_id, metrics=metrics)
+        if self._held is not None:  # what was just sent is held too
+            for m in metrics:
+                self._held[m.key].add(m.step)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -363,7 +363,9 @@ def test_values_queued_by_a_killed_process_are_sent_by_the_next_one(tmp_path):
     client.logged = [("train/loss", 2)]  # step 2 had reached the server
     client.get_metric_history = lambda run, key: [
         SimpleNamespace(step=s) for k, s in client.logged if k == key]
-    second.on_load_checkpoint(None, None, {})  # resumed
+    # resumed from step 6, whose values are also among the lost ones: sent once
+    second.on_load_checkpoint(None, None, {"slotsweep_metrics": {
+        "step": 6, "metrics": {"train/loss": 1.5}}})
     second.on_fit_start(_trainer(root=str(tmp_path)), SimpleNamespace())
     second.on_train_batch_end(_trainer(step=8), None, None, None, 0)
     second.finish(tmp_path)
