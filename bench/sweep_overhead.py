@@ -2,9 +2,16 @@
 server) against calling ``core.train.train`` N times in one process with the same configs.
 
     python bench/sweep_overhead.py [--trials 4] [--concurrency 1]
+    python bench/sweep_overhead.py --startup [--runs 3]
 
 Both sides train the same N configs (sweeps/quickstart.yaml: 8 steps, validation every 4). The
 sweep's time includes starting MLflow and Ray; the table also shows the time per trial.
+
+``--startup`` times what a user waits for, each as its own `slotsweep sweep` process: a sweep file
+with a bad value until its one-line error, and a one-trial quickstart from the command to its
+trial's first training step (the timestamp of `train/loss` at step 1 in MLflow, written by the
+trial process as the step ends). The first run makes the data and the feature cache; the others
+find them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--startup", action="store_true",
+                        help="time start-up instead: a bad file's error, the first trial step")
+    parser.add_argument("--runs", type=int, default=3, help="--startup: sweeps to time")
     args = parser.parse_args()
+    if args.startup:
+        startup(args.runs)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["SLOTSWEEP_MLFLOW_DIR"] = str(Path(tmp) / "mlflow")
@@ -61,6 +76,42 @@ def main() -> None:
     print(f"{'slotsweep sweep (Ray Tune+MLflow)':34}{sweep_s:>10.1f}{sweep_s / n:>10.1f}")
     print(f"overhead per trial: {(sweep_s - direct_s) / n:.1f} s "
           f"(includes Ray and MLflow start-up: {sweep_s - direct_s:.1f} s in all)")
+
+
+def startup(runs: int) -> None:
+    from mlflow import MlflowClient
+
+    from orchestrator.mlflow_server import LocalServer
+
+    sweep = [sys.executable, "-m", "orchestrator.cli", "sweep", str(QUICKSTART)]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "SLOTSWEEP_MLFLOW_DIR": f"{tmp}/mlflow",
+               "SLOTSWEEP_CACHE": f"{tmp}/cache"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        start = time.time()
+        bad = subprocess.run([*sweep, "trials=0"], env=env, capture_output=True, text=True)
+        error_s = time.time() - start
+        assert bad.returncode == 2, bad.stderr
+        starts = []
+        for i in range(runs):
+            start = time.time()
+            subprocess.run([*sweep, f"name=s{i}", f"storage={tmp}/sweeps", "trials=1",
+                            "trainer.max_steps=4"], env=env, check=True, capture_output=True)
+            starts.append(start)
+        with LocalServer.start(Path(tmp) / "mlflow") as server:
+            client = MlflowClient(server.uri)
+            first = []
+            for i, start in enumerate(starts):
+                record = json.loads((Path(tmp) / "sweeps" / f"s{i}" / "best.json").read_text())
+                run = record["trials"][0]["mlflow_run_id"]
+                step1 = [m for m in client.get_metric_history(run, "train/loss") if m.step == 1]
+                first.append(step1[0].timestamp / 1000 - start)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores")
+    print(f"bad sweep file -> its one-line error: {error_s:.1f} s")
+    print(f"command -> first trial step, first run (makes data and cache): {first[0]:.1f} s")
+    if runs > 1:
+        print("command -> first trial step, later runs: "
+              + ", ".join(f"{x:.1f}" for x in first[1:]) + " s")
 
 
 if __name__ == "__main__":

@@ -126,12 +126,13 @@ def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
 
 
 def cache_features(cfg: Any, data_dir: str | Path | None = None, verify: bool = False,
-                   log: Any = None) -> Any:
+                   log: Any = None, build: bool = True) -> Any:
     """``slotsweep cache-features``: build (or find and check) the frozen backbone's feature
     cache of ``cfg``'s dataset, both splits; returns the opened
     :class:`core.data.feature_cache.reader.FeatureCache`. ``verify`` re-hashes every shard.
 
-    Builds whatever ``feature_cache.mode`` says (it only decides what training does).
+    Builds whatever ``feature_cache.mode`` says (it only decides what training does);
+    ``build=False`` only finds it (None when there is none).
     """
     from core.data.feature_cache.key import refusal, writable_cache_dir
     from core.data.feature_cache.reader import open_cache
@@ -141,10 +142,14 @@ def cache_features(cfg: Any, data_dir: str | Path | None = None, verify: bool = 
     why = refusal(cfg)
     if why is not None:
         raise ConfigError(f"no feature cache for this config: {why}")
-    writable_cache_dir(cfg.feature_cache)  # before generating any data
+    if build:
+        writable_cache_dir(cfg.feature_cache)  # before generating any data
     cfg, datamodule = make_datamodule(cfg, data_dir)
-    on = replace(cfg, feature_cache=replace(cfg.feature_cache, mode="build"))
+    mode, gpu = ("build", cfg.feature_cache.gpu) if build else ("auto", "off")  # only looked up
+    on = replace(cfg, feature_cache=replace(cfg.feature_cache, mode=mode, gpu=gpu))
     cache = feature_cache_for(on, build_encoder(cfg), datamodule, say=False, log=log)
+    if cache is None:
+        return None
     if verify:
         cache = open_cache(cache.root, cache.manifest["key_inputs"], full_check=True)
     return cache

@@ -18,6 +18,10 @@ from core.errors import SlotsweepError
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_sweep
+
+    load_sweep(args.file, list(args.overrides))  # a bad file fails here, in a fraction of a second,
+    # before Ray, MLflow and torch are imported (~10 s)
     from orchestrator.sweep import run_sweep, shutdown_ray
 
     try:

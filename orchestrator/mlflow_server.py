@@ -76,8 +76,11 @@ class LocalServer:
         self._stopping: threading.Event | None = None
 
     @classmethod
-    def start(cls, root: Path, port: int | None = None, timeout: float = 90) -> LocalServer:
-        """Start a server and wait until ``/health`` answers; SlotsweepError when it does not."""
+    def start(cls, root: Path, port: int | None = None, timeout: float = 90,
+              wait: bool = True) -> LocalServer:
+        """Start a server and wait until ``/health`` answers (SlotsweepError when it does not);
+        ``wait=False`` returns at once: call :meth:`wait_ready` before using it (a sweep starts
+        Ray meanwhile)."""
         root = Path(root).expanduser().resolve()
         (root / "artifacts").mkdir(parents=True, exist_ok=True)
         if port is None:
@@ -103,19 +106,25 @@ class LocalServer:
                                        stdin=subprocess.DEVNULL, start_new_session=True,
                                        preexec_fn=_die_with_parent(), cwd=root)
         server = cls(root, port, process)
+        if wait:
+            server.wait_ready(timeout)
+        return server
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Wait until ``/health`` answers; stop it and raise SlotsweepError when it does not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                server.stop()
-                raise SlotsweepError(f"MLflow server in {root} exited with code "
-                                     f"{process.returncode}: {server.last_log_line()}")
-            with contextlib.suppress(*_HTTP_ERRORS), _urlopen(f"{server.uri}/health", 2) as answer:
+            if self.process.poll() is not None:
+                self.stop()
+                raise SlotsweepError(f"MLflow server in {self.root} exited with code "
+                                     f"{self.process.returncode}: {self.last_log_line()}")
+            with contextlib.suppress(*_HTTP_ERRORS), _urlopen(f"{self.uri}/health", 2) as answer:
                 if answer.status == 200:
-                    return server
+                    return
             time.sleep(0.25)
-        server.stop()
-        raise SlotsweepError(f"MLflow server in {root} did not answer on {server.uri} within "
-                             f"{timeout:.0f} s: {server.last_log_line()}")
+        self.stop()
+        raise SlotsweepError(f"MLflow server in {self.root} did not answer on {self.uri} within "
+                             f"{timeout:.0f} s: {self.last_log_line()}")
 
     def last_log_line(self) -> str:
         """The last error line of this start in ``server.log``, else its last line."""

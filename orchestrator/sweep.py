@@ -7,19 +7,21 @@ embedded server started) -> Ray up and big enough -> generated data made once ->
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shlex
 import sys
 import time
+from contextlib import redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from core.cli import EXIT_INTERRUPTED
 from core.config import find_config
-from core.errors import ConfigError
+from core.errors import ConfigError, SlotsweepError
 from core.names import BEST_JSON, UNSENT_JSON
 from orchestrator import spec as specs
 from orchestrator.mlflow_runs import (
@@ -112,6 +114,17 @@ def _prepare_data(spec: specs.SweepSpec, resources: dict[str, float], stream: Te
     if why is not None:
         print(f"feature cache: not used: {why}", file=stream)
         return
+    from core.tools import cache_features
+
+    try:  # found here, no Ray task (a fresh worker importing torch, ~6 s) is needed
+        with redirect_stdout(io.StringIO()):
+            cache = cache_features(cfg, spec.data_dir, log=lambda msg: None, build=False)
+    except (SlotsweepError, OSError):  # e.g. the data is on the workers' disks only
+        cache = None
+    if cache is not None:
+        print(f"feature cache: {cache.describe()} (found); trials read it instead of running "
+              "the backbone", file=stream)
+        return
     import ray
 
     # A task on a GPU when the cluster has one; max_calls=1: its worker exits and frees the GPU.
@@ -127,9 +140,6 @@ def _prepare_data(spec: specs.SweepSpec, resources: dict[str, float], stream: Te
 
 def _build_cache(base: str, overrides: list[str], data_dir: str | None) -> tuple[bool, str]:
     """Ray task: (already there?, description) of the feature cache of the sweep's base config."""
-    import io
-    from contextlib import redirect_stdout
-
     from core.config import load_config
     from core.tools import cache_features
 
@@ -206,19 +216,21 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
     uri = resolve_tracking_uri(spec.mlflow.tracking_uri)
     server = None
     if uri is None:
-        server = LocalServer.start(mlflow_root())
-        server.keep_alive()  # a server that dies mid-sweep comes back; trials keep their calls
+        server = LocalServer.start(mlflow_root(), wait=False)  # comes up while Ray starts
         uri = server.uri
     else:
         check_tracking_uri(uri)
     try:
+        resources = _start_ray(spec)
+        if server is not None:
+            server.wait_ready()
+            server.keep_alive()  # a server that dies mid-sweep comes back; trials keep their calls
         client = client_for(uri)
         experiment_id = get_or_create_experiment(client, spec.mlflow.experiment)
         parent = get_or_create_sweep_run(client, experiment_id, specs.sweep_key(spec),
                                                   spec.name)
         print(f"sweep {spec.name}: {sweep_dir}", file=stream)
         print(f"MLflow: {uri} (experiment {spec.mlflow.experiment}, run {parent})", file=stream)
-        resources = _start_ray(spec)
         _prepare_data(spec, resources, stream)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
