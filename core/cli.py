@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
     """``slotsweep train``: prints a summary, returns an exit code (3: the loss diverged)."""
     from core.config import load_config
     from core.errors import NonFiniteLossError
-    from core.train import LoaderKilledError, train
+    from core.train import LoaderKilledError, TrainingInterruptedError, train
     from core.training.checkpoint import with_more_steps
     from core.training.trainer import DEFAULT_SELECT, is_rank_zero
 
@@ -124,11 +124,11 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"slotsweep: training stopped: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except LoaderKilledError as exc:
+    except (LoaderKilledError, TrainingInterruptedError) as exc:
         again = (f"; continue with: slotsweep train {args.config} --continue {exc.checkpoint}"
                  if exc.checkpoint is not None else "")
         print(f"slotsweep: training stopped: {exc}{again}", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED if isinstance(exc, TrainingInterruptedError) else 1
     if not is_rank_zero():
         return 0
     print(f"run: {result['run_dir']} ({result['global_step']} steps)")

@@ -96,6 +96,16 @@ class LoaderKilledError(SlotsweepError):
                          f"dataset.num_workers or dataset.batch_size); {where}")
 
 
+class TrainingInterruptedError(SlotsweepError):
+    """Training stopped by Ctrl-C or SIGTERM; the last checkpoint is on disk."""
+
+    def __init__(self, how: str, step: int, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+        where = (f"the last checkpoint is {checkpoint}" if checkpoint is not None
+                 else "no checkpoint was written yet")
+        super().__init__(f"training interrupted by {how} at step {step}; {where}")
+
+
 def _newest(folder: Path) -> Path | None:
     from core.training.callbacks import step_of
 
@@ -165,6 +175,14 @@ def train(
         if killed is None:
             raise
         raise LoaderKilledError(killed.group(0), _newest(run_dir / CHECKPOINTS_DIRNAME)) from None
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Lightning ends a fit on Ctrl-C with sys.exit(1) and on SIGTERM with SIGTERMException
+        # (a SystemExit), after its graceful shutdown; both leave the trainer INTERRUPTED
+        if trainer.state.status != "interrupted":
+            raise
+        how = "SIGTERM" if type(exc).__name__ == "SIGTERMException" else "Ctrl-C"
+        raise TrainingInterruptedError(how, int(trainer.global_step),
+                                       _newest(run_dir / CHECKPOINTS_DIRNAME)) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     restored = (ckpt or {}).get(METRICS_KEY) or {}

@@ -204,22 +204,23 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
     spec = specs.load_sweep(path, overrides)
     spec = replace(spec, base=str(find_config(spec.base).resolve()))  # trials: their own cwd
     sweep_dir = sweep_dir_of(spec)
-    with sweep_lock(sweep_dir):
-        return _run_locked(spec, sweep_dir, path, overrides, resume, stream)
+    if not os.environ.get("RAY_ADDRESS"):  # local: the cluster is this machine, check it first
+        check_cluster(spec, local_resources())
+    uri = resolve_tracking_uri(spec.mlflow.tracking_uri)
+    if uri is not None:
+        check_tracking_uri(uri)
+    with sweep_lock(sweep_dir):  # after the checks: a refused sweep leaves nothing behind
+        return _run_locked(spec, sweep_dir, path, overrides, resume, stream, uri)
 
 
 def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
-                overrides: list[str] | tuple, resume: bool, stream: TextIO) -> int:
-    if not os.environ.get("RAY_ADDRESS"):  # local: the cluster is this machine, check it first
-        check_cluster(spec, local_resources())
+                overrides: list[str] | tuple, resume: bool, stream: TextIO,
+                uri: str | None) -> int:
     _check_resume(spec, resume)
-    uri = resolve_tracking_uri(spec.mlflow.tracking_uri)
     server = None
     if uri is None:
         server = LocalServer.start(mlflow_root(), wait=False)  # comes up while Ray starts
         uri = server.uri
-    else:
-        check_tracking_uri(uri)
     try:
         resources = _start_ray(spec)
         if server is not None:

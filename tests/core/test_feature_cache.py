@@ -253,7 +253,7 @@ def test_cli_builds_verifies_and_reports_errors_in_one_line(tmp_path):
     for args, needle in (
         (("cache-features", "tiny", "feature_cache.nope=1"), "feature_cache.nope"),
         (("cache-features", "tiny", "model.encoder.backbone.frozen=false"), "backbone trains"),
-        (("cache-features", "tiny", "feature_cache.dir=/proc/nope"), "not writable"),
+        (("cache-features", "tiny", "feature_cache.dir=/proc/nope"), "cannot be used"),
     ):
         bad = run(*args)
         lines = bad.stderr.strip().splitlines()

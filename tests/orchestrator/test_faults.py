@@ -198,7 +198,9 @@ def test_the_mlflow_server_dies_mid_sweep_and_comes_back(tmp_path, where):
                   "a checkpoint while MLflow was down", driver, log)
         if external is not None:
             external = LocalServer.start(tmp_path / "external", port=external.port)
+        children = descendants(driver.pid)
         rc = driver.wait(timeout=600)
+        _no_orphans(children)
         text = log.read_text()
         assert rc == 0, text[-3000:]
         record = json.loads((storage / "down" / "best.json").read_text())
@@ -277,7 +279,9 @@ def test_a_killed_trial_process_is_restarted_from_its_checkpoint(tmp_path, kind)
     _wait_for(lambda: bool(midway()), 300, "a trial at step 4", driver, log)
     victim = midway()[0]
     os.kill(json.loads((victim / "trial.json").read_text())["pid"], signal.SIGKILL)
+    children = descendants(driver.pid)
     rc = driver.wait(timeout=900)
+    _no_orphans(children)
     text = log.read_text()
     assert rc == 0, text[-3000:]
     record = json.loads((storage / "kill" / "best.json").read_text())
