@@ -393,13 +393,11 @@ def test_a_full_disk_mid_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch
     assert (ckpts / "step=6.ckpt").is_file()
 
 
-def test_a_killed_data_loading_worker_is_one_line_with_the_continue_command(tmp_path):
-    """SIGTERM to a DataLoader worker (an OOM killer or a cluster would send it): the run stops
-    with one line naming the last checkpoint and the --continue command, not a traceback."""
-    from processes import alive, descendants
-
-    cmd = [sys.executable, "-m", "core.train", "tiny", "dataset.num_workers=1",
-           "trainer.max_steps=400", "trainer.checkpoint_every=2", "--log-dir", str(tmp_path)]
+def _train_to_a_checkpoint(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
+    """`python -m core.train tiny` for 2,000 steps in a subprocess, returned once it has written
+    its first step checkpoint (with the checkpoints' folder)."""
+    cmd = [sys.executable, "-m", "core.train", "tiny", "trainer.max_steps=2000",
+           "trainer.checkpoint_every=2", *overrides, "--log-dir", str(tmp_path)]
     env = {**os.environ, "SLOTSWEEP_CACHE": os.environ["SLOTSWEEP_CACHE"]}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=Path(__file__).resolve().parents[2])
@@ -408,6 +406,15 @@ def test_a_killed_data_loading_worker_is_one_line_with_the_continue_command(tmp_
     while not list(ckpts.glob("step=*.ckpt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
+    return proc, ckpts
+
+
+def test_a_killed_data_loading_worker_is_one_line_with_the_continue_command(tmp_path):
+    """SIGTERM to a DataLoader worker (an OOM killer or a cluster would send it): the run stops
+    with one line naming the last checkpoint and the --continue command, not a traceback."""
+    from processes import alive, descendants
+
+    proc, ckpts = _train_to_a_checkpoint(tmp_path, "dataset.num_workers=1")
     workers = alive(descendants(proc.pid))
     assert workers, "no DataLoader worker process"
     for pid in workers:
@@ -429,16 +436,7 @@ def test_ctrl_c_or_sigterm_on_train_is_one_line_with_the_continue_command(tmp_pa
     and the --continue command; no process is left."""
     from processes import alive, descendants
 
-    cmd = [sys.executable, "-m", "core.train", "tiny", "trainer.max_steps=2000",
-           "trainer.checkpoint_every=2", "--log-dir", str(tmp_path)]
-    env = {**os.environ, "SLOTSWEEP_CACHE": os.environ["SLOTSWEEP_CACHE"]}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=Path(__file__).resolve().parents[2])
-    ckpts = tmp_path / "tiny" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not list(ckpts.glob("step=*.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
+    proc, _ = _train_to_a_checkpoint(tmp_path)
     children = descendants(proc.pid)
     start = time.monotonic()
     proc.send_signal(sig)

@@ -34,6 +34,16 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log:
         time.sleep(0.2)
 
 
+def _finish(driver: subprocess.Popen, log: Path, timeout: float = 900) -> str:
+    """Wait for the sweep to end well; assert it left no process; return its output."""
+    children = descendants(driver.pid)
+    rc = driver.wait(timeout=timeout)
+    _no_orphans(children)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    return text
+
+
 def _no_orphans(pids: set[int], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while alive(pids) and time.monotonic() < deadline:
@@ -198,11 +208,7 @@ def test_the_mlflow_server_dies_mid_sweep_and_comes_back(tmp_path, where):
                   "a checkpoint while MLflow was down", driver, log)
         if external is not None:
             external = LocalServer.start(tmp_path / "external", port=external.port)
-        children = descendants(driver.pid)
-        rc = driver.wait(timeout=600)
-        _no_orphans(children)
-        text = log.read_text()
-        assert rc == 0, text[-3000:]
+        text = _finish(driver, log)
         record = json.loads((storage / "down" / "best.json").read_text())
         assert record["complete"] and all(t["state"] == "DONE" for t in record["trials"])
         assert not list(trials.glob(f"*/{'mlflow_unsent.json'}"))
@@ -279,11 +285,7 @@ def test_a_killed_trial_process_is_restarted_from_its_checkpoint(tmp_path, kind)
     _wait_for(lambda: bool(midway()), 300, "a trial at step 4", driver, log)
     victim = midway()[0]
     os.kill(json.loads((victim / "trial.json").read_text())["pid"], signal.SIGKILL)
-    children = descendants(driver.pid)
-    rc = driver.wait(timeout=900)
-    _no_orphans(children)
-    text = log.read_text()
-    assert rc == 0, text[-3000:]
+    text = _finish(driver, log)
     record = json.loads((storage / "kill" / "best.json").read_text())
     assert record["complete"] and all(t["state"] == "DONE" for t in record["trials"]), text[-3000:]
     assert (victim / "checkpoints" / "step=12.ckpt").is_file()
