@@ -399,8 +399,11 @@ def _train_to_a_checkpoint(tmp_path: Path, *overrides: str) -> tuple[subprocess.
     cmd = [sys.executable, "-m", "core.train", "tiny", "trainer.max_steps=2000",
            "trainer.checkpoint_every=2", *overrides, "--log-dir", str(tmp_path)]
     env = {**os.environ, "SLOTSWEEP_CACHE": os.environ["SLOTSWEEP_CACHE"]}
+    # SIGINT back to its default in the child: a shell's background job (CI's, often) starts
+    # with it ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=Path(__file__).resolve().parents[2])
+                            env=env, cwd=Path(__file__).resolve().parents[2],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpts = tmp_path / "tiny" / "checkpoints"
     deadline = time.monotonic() + 240
     while not list(ckpts.glob("step=*.ckpt")):

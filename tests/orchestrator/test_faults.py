@@ -62,9 +62,10 @@ def test_a_signal_stops_the_sweep_and_resume_finishes_it(tmp_path, sig):
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=sig",
            f"storage={tmp_path / 'storage'}", "trials=2", "trainer.max_steps=12"]
     log = tmp_path / "first.log"
-    with log.open("w") as out:
+    with log.open("w") as out:  # SIGINT at its default, as in a terminal (see test_train.py)
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
-                                  cwd=tmp_path)
+                                  cwd=tmp_path,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     trials = tmp_path / "storage" / "sig" / "trials"
     _wait_for(lambda: any(trials.glob("*/checkpoints/step=4.ckpt")), 300, "first checkpoint",
               driver, log)
