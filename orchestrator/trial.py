@@ -35,8 +35,9 @@ RUN_DIRNAME = "trials"
 DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep never retrains it
 STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
 ERROR_KEY = "slotsweep_error"
-# FAULT_ENV (a testing aid): "raise:<trial index>:<step>" and/or "nan:<trial index>:<step>",
-# comma-separated.
+# FAULT_ENV (a testing aid): "raise:<trial index>:<step>", "nan:<trial index>:<step>" and/or
+# "hold:<trial index>:<step>", comma-separated.
+HOLD_S = 300.0  # how long a "hold" fault parks its trial (a test kills it meanwhile)
 
 
 @dataclass
@@ -95,8 +96,9 @@ class TuneReporter(pl.Callback):
 
 
 class FaultInjector(pl.Callback):
-    """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, or turn its loss
-    NaN, at ``step``. A marker file makes ``raise`` happen only once per trial."""
+    """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, turn its loss
+    NaN, or hold still once (so a test can kill it at a known step) at ``step``. A marker file
+    makes ``raise`` and ``hold`` happen only once per trial."""
 
     def __init__(self, spec: str, index: int, marker: Path) -> None:
         kind, which, step = spec.split(":")
@@ -109,6 +111,9 @@ class FaultInjector(pl.Callback):
         if self.kind == "raise" and not self.marker.exists():
             self.marker.write_text("raised")
             raise RuntimeError(f"injected fault at step {self.step}")
+        if self.kind == "hold" and not self.marker.exists():
+            self.marker.write_text("held")
+            time.sleep(HOLD_S)
         if self.kind == "nan":
             with torch.no_grad():
                 for p in pl_module.parameters():

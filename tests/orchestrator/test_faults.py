@@ -274,17 +274,21 @@ def test_a_killed_trial_process_is_restarted_from_its_checkpoint(tmp_path, kind)
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=kill",
            f"storage={storage}", "trainer.max_steps=12", *extra]
     log = tmp_path / "sweep.log"
+    # trial 0 holds still once after writing step=4.ckpt, so the kill lands between checkpoints
+    # however fast or slow the machine is (racing a running trial missed the window on CI)
+    env = {**_env(tmp_path), "SLOTSWEEP_INJECT_FAULT": "hold:0:4"}
     with log.open("w") as out:
-        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                   cwd=tmp_path)
     trials = storage / "kill" / "trials"
 
-    def midway() -> list[Path]:
-        return [p.parent.parent for p in trials.glob("*/checkpoints/step=4.ckpt")
-                if not (p.parent / "step=8.ckpt").exists()]
+    def held() -> list[Path]:
+        return [p.parent for p in trials.glob("*/.fault-raised")
+                if (p.parent / "checkpoints" / "step=4.ckpt").is_file()]
 
-    _wait_for(lambda: bool(midway()), 300, "a trial at step 4", driver, log)
-    victim = midway()[0]
+    _wait_for(lambda: bool(held()), 300, "a trial held at step 4", driver, log)
+    victim = held()[0]
+    assert not (victim / "checkpoints" / "step=8.ckpt").exists()
     os.kill(json.loads((victim / "trial.json").read_text())["pid"], signal.SIGKILL)
     text = _finish(driver, log)
     record = json.loads((storage / "kill" / "best.json").read_text())
