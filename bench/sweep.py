@@ -4,11 +4,11 @@
 
 Runs ``slotsweep sweep`` twice in fresh processes, each with its own empty cache and MLflow
 folders, so the cached run pays for building its cache: once with ``feature_cache.mode=off``
-(every trial runs the frozen backbone on every frame), once with the default ``auto`` (the driver
-builds the cache once, the trials read it). Prints both wall-clock times and their ratio, and
-checks that the cached trials really read the cache (their MLflow tag) and the uncached did not.
-Extra ``key=value`` items go to both sweeps (e.g. ``trials=4`` or
-``resources.gpus_per_trial=0.25`` on a GPU machine).
+(every trial runs the frozen backbone on every frame), once with the default ``auto`` (the
+first trial builds the cache, the others wait for it and read it). Prints both wall-clock
+times and their ratio, and checks that the cached trials really read the cache (their MLflow
+tag) and the uncached did not. Extra ``key=value`` items go to both sweeps (e.g. ``trials=4``
+or ``resources.gpus_per_trial=0.25`` on a GPU machine).
 """
 
 from __future__ import annotations

@@ -100,18 +100,27 @@ def startup(runs: int) -> None:
             starts.append(start)
         with LocalServer.start(Path(tmp) / "mlflow") as server:
             client = MlflowClient(server.uri)
-            first = []
+            first, phases = [], []
             for i, start in enumerate(starts):
                 record = json.loads((Path(tmp) / "sweeps" / f"s{i}" / "best.json").read_text())
                 run = record["trials"][0]["mlflow_run_id"]
                 step1 = [m for m in client.get_metric_history(run, "train/loss") if m.step == 1]
                 first.append(step1[0].timestamp / 1000 - start)
+                # where the wait goes: the sweep's parent run is created once Ray and MLflow are
+                # up; the trial's run once its process has imported torch and Lightning
+                parent = client.get_run(record["mlflow"]["parent_run_id"]).info.start_time / 1000
+                trial = client.get_run(run).info.start_time / 1000
+                phases.append((parent - start, trial - parent, first[-1] - (trial - start)))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores")
     print(f"bad sweep file -> its one-line error: {error_s:.1f} s")
     print(f"command -> first trial step, first run (makes data and cache): {first[0]:.1f} s")
     if runs > 1:
         print("command -> first trial step, later runs: "
               + ", ".join(f"{x:.1f}" for x in first[1:]) + " s")
+    print("phases per run: command -> Ray and MLflow up / -> trial process in its run / "
+          "-> first step")
+    for i, (up, trial, step) in enumerate(phases):
+        print(f"  run {i}: {up:.1f} s / {trial:.1f} s / {step:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ test may set.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # ---------------------------------------------------------------- metrics (TensorBoard, MLflow)
 METRIC_ARI = "val/ari"  # video FG-ARI on the validation clips
 METRIC_MBO = "val/mbo"  # video mBO on the validation clips
@@ -27,6 +29,17 @@ BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best step by the selectio
 BEST_CHECKPOINT_FILE = f"{BEST_CHECKPOINT}.ckpt"
 BEST_JSON = "best.json"  # the best step's metrics (a run's, or a sweep's best trial)
 LAST_CHECKPOINT = "last.ckpt"  # a trial's newest checkpoint, handed to Ray Tune
+METRICS_KEY = "slotsweep_metrics"  # in a checkpoint: {"step": N, "metrics": {...}} logged at N
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """``<directory>/step=N.ckpt``: the name of every step checkpoint."""
+    return Path(directory) / f"step={step}.ckpt"
+
+
+def step_of(path: str | Path) -> int:
+    """``.../step=2500.ckpt`` -> 2500 (checkpoints sort by step, not by name)."""
+    return int(Path(path).stem.split("=", 1)[1])
 VISUALS_DIRNAME = "visualizations"  # slot pictures, visualizations/step=N.png
 UNSENT_JSON = "mlflow_unsent.json"  # metric values a trial could not send to MLflow (yet)
 MLFLOW_JOURNAL = "mlflow_journal.jsonl"  # metric values queued / sent by a live trial process
@@ -50,4 +63,6 @@ FEATURE_CACHE_ENV = "SLOTSWEEP_FEATURE_CACHE"  # the feature caches' folder alon
 NO_COMPILE_ENV = "SLOTSWEEP_NO_COMPILE"  # 1: the fast step stays eager (no torch.compile)
 MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"  # the embedded MLflow store (default ./runs/mlflow)
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own: the server a sweep logs to
+# MLflow's own: retries per HTTP call (its default backs off for minutes on a dead server)
+HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 FAULT_ENV = "SLOTSWEEP_INJECT_FAULT"  # tests: make a trial fail on purpose

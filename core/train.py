@@ -107,7 +107,7 @@ class TrainingInterruptedError(SlotsweepError):
 
 
 def _newest(folder: Path) -> Path | None:
-    from core.training.callbacks import step_of
+    from core.names import step_of
 
     steps = sorted(folder.glob("step=*.ckpt"), key=step_of)
     return steps[-1] if steps else None
@@ -135,7 +135,7 @@ def train(
     in its own run folder; otherwise its weights start a new stage with a fresh optimizer.
     ``trainer_kwargs`` replace Lightning Trainer arguments.
     """
-    from core.training.callbacks import METRICS_KEY, step_of
+    from core.names import METRICS_KEY, step_of
     from core.training.module import SlotModule
 
     precision = prepare_process(cfg)

@@ -12,12 +12,13 @@ caller can keep the metric values on disk and send them when the server is back
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,56 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from core.errors import one_line
-from core.names import UNSENT_JSON
-from orchestrator.mlflow_runs import log_params
+from core.names import (
+    BEST_CHECKPOINT_FILE,
+    CHECKPOINTS_DIRNAME,
+    HTTP_RETRIES_ENV,
+    RESOLVED_CONFIG_NAME,
+    UNSENT_JSON,
+    VISUALS_DIRNAME,
+)
+from orchestrator.mlflow_runs import (
+    ARTIFACT_CHECKPOINT,
+    ARTIFACT_CONFIG,
+    ARTIFACT_VISUALS,
+    log_params,
+)
 
 ARTIFACT_UPLOAD = "artifact upload"  # the name of a run folder's upload job
-# A trial's own calls: MLflow's client alone retries a dead server ~4 min per call by default.
-_HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+class ArtifactUploader:
+    """Uploads a run folder's artifacts to its MLflow run: ``config.yaml``, visualisations not
+    uploaded yet and (``checkpoint``) ``checkpoints/best.ckpt``; a file is sent again only when
+    it changed. Used by a trial's logger as it trains and by the sweep at its end."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._uploaded: dict[str, tuple[int, int]] = {}  # artifact -> (mtime_ns, size)
+        self._listed = False
+
+    def upload(self, client: MlflowClient, run_dir: Path, checkpoint: bool = True) -> None:
+        """Raises on the first failed call (a sender's line tries the whole upload again)."""
+        run_dir = Path(run_dir)
+        if not self._listed:  # a resumed trial: what an earlier process uploaded is there
+            listed = client.list_artifacts(self.run_id, ARTIFACT_VISUALS)
+            self._listed = True
+            self._uploaded.update({info.path: (0, -1) for info in listed})
+        files = [(run_dir / RESOLVED_CONFIG_NAME, ARTIFACT_CONFIG)]
+        files += [(p, ARTIFACT_VISUALS) for p in sorted((run_dir / VISUALS_DIRNAME).glob("*.png"))]
+        if checkpoint:
+            best = run_dir / CHECKPOINTS_DIRNAME / BEST_CHECKPOINT_FILE
+            files.append((best, ARTIFACT_CHECKPOINT))
+        for path, folder in files:
+            key = f"{folder}/{path.name}"
+            if not path.is_file() or (folder == ARTIFACT_VISUALS and key in self._uploaded):
+                continue
+            stat = path.stat()
+            if self._uploaded.get(key) == (stat.st_mtime_ns, stat.st_size):
+                continue
+            client.log_artifact(self.run_id, str(path), folder)
+            self._uploaded[key] = (stat.st_mtime_ns, stat.st_size)
+
 
 
 @dataclass
@@ -103,7 +148,7 @@ class MlflowSender:
                 self._thread.start()
 
     def _run(self) -> None:
-        os.environ.setdefault(_HTTP_RETRIES_ENV, "1")
+        os.environ.setdefault(HTTP_RETRIES_ENV, "1")  # the line retries, not each call
         delay = 0.0
         while True:
             with self._cond:
@@ -265,3 +310,16 @@ def journal_pending(path: Path) -> list[Metric]:
         elif "sent" in entry:
             queued.pop(entry["sent"], None)
     return [Metric(**m) for batch in queued.values() for m in batch]
+
+
+@contextlib.contextmanager
+def short_http_retries() -> Iterator[None]:
+    """One HTTP retry per MLflow call inside the block (MLflow's default backs off for minutes
+    on a dead server); a value the user set wins."""
+    added = HTTP_RETRIES_ENV not in os.environ
+    os.environ.setdefault(HTTP_RETRIES_ENV, "1")
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop(HTTP_RETRIES_ENV, None)

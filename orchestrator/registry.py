@@ -15,8 +15,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError, one_line
-from core.names import BEST_JSON, CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME
-from core.training.callbacks import checkpoint_path
+from core.names import BEST_JSON, CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME, checkpoint_path
 from orchestrator import PROJECT_DIR
 from orchestrator.mlflow_runs import client_for, quiet_mlflow
 from orchestrator.mlflow_server import (

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.names import BEST_CHECKPOINT_FILE, CHECKPOINTS_DIRNAME, METRIC_ARI, METRIC_MBO
-from core.training.callbacks import selection_key
+from core.training.selection import selection_key
 from orchestrator import spec as specs
 from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED, fmt, format_table, short_key
 from orchestrator.spec_check import max_steps
-from orchestrator.trial import ERROR_KEY, STATUS_KEY, run_dir_of
+from orchestrator.trial import CACHE_KEY, ERROR_KEY, STATUS_KEY, run_dir_of
 
 
 def _key(spec: specs.SweepSpec, metrics: dict[str, Any]) -> tuple[float, float]:
@@ -59,6 +59,7 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
         "mlflow_run_id": info.get("mlflow_run_id"),
         "seed": info.get("seed"),
         "run_dir": str(run_dir),
+        "feature_cache": result.metrics.get(CACHE_KEY),
     }
 
 

@@ -7,21 +7,18 @@ embedded server started) -> Ray up and big enough -> generated data made once ->
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shlex
 import sys
-import time
-from contextlib import redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from core.cli import EXIT_INTERRUPTED
 from core.config import find_config
-from core.errors import ConfigError, SlotsweepError
+from core.errors import ConfigError
 from core.names import BEST_JSON, UNSENT_JSON
 from orchestrator import spec as specs
 from orchestrator.mlflow_runs import (
@@ -77,10 +74,18 @@ def _quiet() -> None:
 
 
 def local_resources() -> dict[str, float]:
-    """What a local Ray instance would have: this machine's cores and CUDA devices."""
-    import torch
+    """What a local Ray instance would have: this machine's cores and the CUDA devices Ray's own
+    detection counts (NVML, narrowed by ``CUDA_VISIBLE_DEVICES``), without importing torch."""
+    try:
+        from ray._private.accelerators import NvidiaGPUAcceleratorManager as Nvidia
 
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        visible = Nvidia.get_current_process_visible_accelerator_ids()
+        gpus = len(visible) if visible is not None else Nvidia.get_current_node_num_accelerators()
+    except (ImportError, AttributeError):  # a Ray without this (private) helper
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
 def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
@@ -93,15 +98,20 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+            # address="local": a private instance, even beside a `ray start` cluster (which
+            # RAY_ADDRESS=auto joins); without it ray.init would try to join that one
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
     resources = ray.cluster_resources()
     check_cluster(spec, resources)
     return resources
 
 
-def _prepare_data(spec: specs.SweepSpec, resources: dict[str, float], stream: TextIO) -> None:
-    """Generated datasets are made, and the frozen backbone's feature cache built, once here:
-    concurrent trials then only read them (trials with ``feature_cache.mode=auto`` find it)."""
+def _prepare_data(spec: specs.SweepSpec, stream: TextIO) -> bool:
+    """Make generated data (if the config asks for it) once, here; returns whether trials use
+    the frozen backbone's feature cache. Trials find it, or the first to need it builds it
+    under a lock while the others wait and then read it: finding a cache's key imports torch
+    and builds the backbone, which every trial does anyway, so the driver does not (~3 s
+    before the first trial could start)."""
     from core.config import load_config
     from core.data.feature_cache.key import refusal
     from core.data.prepare import ensure_synthetic
@@ -109,43 +119,20 @@ def _prepare_data(spec: specs.SweepSpec, resources: dict[str, float], stream: Te
     cfg = load_config(spec.base, spec.overrides)
     ensure_synthetic(cfg.dataset, spec.data_dir)
     if cfg.feature_cache.mode == "off":
-        return
+        return False
     why = refusal(cfg)
     if why is not None:
         print(f"feature cache: not used: {why}", file=stream)
-        return
-    from core.tools import cache_features
-
-    try:  # found here, no Ray task (a fresh worker importing torch, ~6 s) is needed
-        with redirect_stdout(io.StringIO()):
-            cache = cache_features(cfg, spec.data_dir, log=lambda msg: None, build=False)
-    except (SlotsweepError, OSError):  # e.g. the data is on the workers' disks only
-        cache = None
-    if cache is not None:
-        print(f"feature cache: {cache.describe()} (found); trials read it instead of running "
-              "the backbone", file=stream)
-        return
-    import ray
-
-    # A task on a GPU when the cluster has one; max_calls=1: its worker exits and frees the GPU.
-    gpus = 1 if resources.get("GPU", 0) >= 1 else 0
-    build = ray.remote(num_cpus=min(spec.resources.cpus_per_trial, resources.get("CPU", 1)),
-                       num_gpus=gpus, max_calls=1)(_build_cache)
-    start = time.time()
-    found, where = ray.get(build.remote(spec.base, list(spec.overrides), spec.data_dir))
-    what = "found" if found else f"built in {time.time() - start:.0f} s"
-    print(f"feature cache: {where} ({what}); trials read it instead of running the backbone",
-          file=stream)
+        return False
+    return True
 
 
-def _build_cache(base: str, overrides: list[str], data_dir: str | None) -> tuple[bool, str]:
-    """Ray task: (already there?, description) of the feature cache of the sweep's base config."""
-    from core.config import load_config
-    from core.tools import cache_features
-
-    with redirect_stdout(io.StringIO()):
-        cache = cache_features(load_config(base, overrides), data_dir, log=lambda msg: None)
-    return not cache.built, cache.describe()
+def _say_cache(trials: list[dict[str, Any]], stream: TextIO) -> None:
+    """The feature cache the trials read (reported by each trial that ran in one process)."""
+    roots = [t.get("feature_cache") for t in trials]
+    for root in sorted({r for r in roots if r}):
+        print(f"feature cache: {root} (read by {roots.count(root)} of {len(trials)} trials "
+              "instead of running the backbone)", file=stream)
 
 
 def _trainable(spec: specs.SweepSpec, ctx: TrialContext) -> Any:
@@ -217,12 +204,13 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
                 overrides: list[str] | tuple, resume: bool, stream: TextIO,
                 uri: str | None) -> int:
     _check_resume(spec, resume)
+    use_cache = _prepare_data(spec, stream)
     server = None
     if uri is None:
         server = LocalServer.start(mlflow_root(), wait=False)  # comes up while Ray starts
         uri = server.uri
     try:
-        resources = _start_ray(spec)
+        _start_ray(spec)
         if server is not None:
             server.wait_ready()
             server.keep_alive()  # a server that dies mid-sweep comes back; trials keep their calls
@@ -232,13 +220,13 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
                                                   spec.name)
         print(f"sweep {spec.name}: {sweep_dir}", file=stream)
         print(f"MLflow: {uri} (experiment {spec.mlflow.experiment}, run {parent})", file=stream)
-        _prepare_data(spec, resources, stream)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (sweep_dir / SPEC_YAML).write_text(specs.to_yaml(spec))
             client.log_artifact(parent, str(sweep_dir / SPEC_YAML))
             log_params(client, parent, specs.to_dict(spec))  # searcher seed too
-        ctx = TrialContext(spec, str(sweep_dir), uri, experiment_id, parent)
+        ctx = TrialContext(spec, str(sweep_dir), uri, experiment_id, parent,
+                           build_cache=use_cache)
         tuner = _tuner(spec, _trainable(spec, ctx), resume)
         for seen in LIFECYCLE.values():
             seen.clear()
@@ -253,6 +241,7 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
                 t["state"] = INTERRUPTED
         best = select_best(spec, trials)
         print_summary(spec, trials, best, stream)
+        _say_cache(trials, stream)
         record = {
             "sweep": spec.name, "select": {"metric": spec.select.metric, "mode": spec.select.mode,
                                            "tie_break": spec.select.tie_break},

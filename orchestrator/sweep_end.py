@@ -6,18 +6,15 @@ phrase per run, for the sweep's one closing line (its results stay on disk eithe
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
+import functools
 from pathlib import Path
 from typing import Any
 
 from core.errors import one_line
 from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, TAG_PARTIAL
 from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run
-from orchestrator.mlflow_sender import send_saved
+from orchestrator.mlflow_sender import ArtifactUploader, send_saved, short_http_retries
 from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED
-from orchestrator.trial_logger import TrialLogger
 
 
 def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
@@ -44,11 +41,12 @@ def record_end(client: Any, uri: str, parent: str, sweep_dir: Path,
     the trial runs' ends, the best trial's metrics and tags, the parent run's status. Returns
     what MLflow still misses, one phrase per run (empty: everything is recorded)."""
     missing = []
-    with _short_http_retries():
+    with short_http_retries():
         for t in trials:
             run_dir, run_id = Path(t["run_dir"]), t["mlflow_run_id"]
-            uploader = TrialLogger(uri, run_id).upload_artifacts if run_id else None
-            left = send_saved(client, run_dir, uploader and (lambda u=uploader, d=run_dir: u(d)))
+            upload = (functools.partial(ArtifactUploader(run_id).upload, client, run_dir) if run_id
+                      else None)
+            left = send_saved(client, run_dir, upload)
             if left:
                 missing.append(f"for run {t['mlflow_run_id']} (trial {t['trial_id']}) {left}")
         try:
@@ -66,17 +64,3 @@ def record_end(client: Any, uri: str, parent: str, sweep_dir: Path,
         except Exception as exc:
             missing.append(f"the end of the sweep run {parent} ({one_line(exc)})")
     return missing
-
-
-@contextlib.contextmanager
-def _short_http_retries() -> Iterator[None]:
-    """One HTTP retry per MLflow call (its default backs off for minutes on a dead server);
-    a value the user set wins."""
-    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    added = key not in os.environ
-    os.environ.setdefault(key, "1")
-    try:
-        yield
-    finally:
-        if added:
-            os.environ.pop(key, None)

@@ -13,31 +13,30 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-import torch
+if TYPE_CHECKING:  # torch and Lightning load in the trial, never in the sweep's driver
+    import pytorch_lightning as pl
 
 from core.errors import SlotsweepError, one_line
 from core.names import (
-    BEST_JSON,
     CHECKPOINTS_DIRNAME,
     FAULT_ENV,
     LAST_CHECKPOINT,
     TAG_SEED,
     TAG_THREADS,
+    step_of,
 )
-from core.training.callbacks import step_of
 
 RUN_DIRNAME = "trials"
 DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep never retrains it
 STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
 ERROR_KEY = "slotsweep_error"
+CACHE_KEY = "feature_cache"  # in a trial's final report: the feature cache folder it read
 # FAULT_ENV (a testing aid): "raise:<trial index>:<step>", "nan:<trial index>:<step>" and/or
-# "hold:<trial index>:<step>", comma-separated.
-HOLD_S = 300.0  # how long a "hold" fault parks its trial (a test kills it meanwhile)
+# "hold:<trial index>:<step>", comma-separated (orchestrator.trial_callbacks.FaultInjector).
 
 
 @dataclass
@@ -49,7 +48,9 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    # the frozen backbone's feature cache: trials with feature_cache.mode=auto build it when it
+    # is missing (the first under a lock; the others wait for it and read it)
+    build_cache: bool = False
 
 
 def trial_dirname(trial: Any) -> str:
@@ -68,59 +69,6 @@ def run_dir_of(sweep_dir: str | Path, trial_id: str) -> Path:
     return Path(sweep_dir) / RUN_DIRNAME / trial_id
 
 
-def _metrics(trainer: pl.Trainer) -> dict[str, float]:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-class TuneReporter(pl.Callback):
-    """After every validation: save ``last.ckpt`` and report metrics + that checkpoint.
-
-    ``report(metrics, checkpoint_dir)`` is ``ray.tune.report`` for a plain trial and
-    ``ray.train.report`` on the workers of a DDP trial.
-    """
-
-    def __init__(self, run_dir: Path, report: Any, checkpoint_cls: Any) -> None:
-        self.run_dir, self.report, self.checkpoint_cls = run_dir, report, checkpoint_cls
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = {**_metrics(trainer), "step": trainer.global_step, STATUS_KEY: "running"}
-        with tempfile.TemporaryDirectory(prefix="slotsweep-ckpt-") as tmp:
-            path = Path(tmp) / LAST_CHECKPOINT
-            trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes
-            best = self.run_dir / BEST_JSON
-            if best.is_file():
-                shutil.copy(best, Path(tmp) / BEST_JSON)
-            self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
-
-
-class FaultInjector(pl.Callback):
-    """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, turn its loss
-    NaN, or hold still once (so a test can kill it at a known step) at ``step``. A marker file
-    makes ``raise`` and ``hold`` happen only once per trial."""
-
-    def __init__(self, spec: str, index: int, marker: Path) -> None:
-        kind, which, step = spec.split(":")
-        self.kind, self.step, self.marker = kind, int(step), marker
-        self.active = int(which) == index
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self.active or trainer.global_step != self.step:
-            return
-        if self.kind == "raise" and not self.marker.exists():
-            self.marker.write_text("raised")
-            raise RuntimeError(f"injected fault at step {self.step}")
-        if self.kind == "hold" and not self.marker.exists():
-            self.marker.write_text("held")
-            time.sleep(HOLD_S)
-        if self.kind == "nan":
-            with torch.no_grad():
-                for p in pl_module.parameters():
-                    if p.requires_grad:
-                        p.fill_(float("nan"))
-
-
 def _config_for(ctx: TrialContext, sampled: dict[str, Any], index: int):
     from core.config import load_config
     from orchestrator.search import trial_overrides
@@ -137,13 +85,18 @@ def train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index:
     """Train (or continue) one trial to ``trainer.max_steps`` in all (a resumed trial that had
     finished trains no further); returns train()'s result. Runs on every DDP worker; ``ddp``:
     the worker's Trainer arguments and callbacks."""
+    import torch
+
     from core.config import flatten
     from core.train import train
     from core.training.trainer import best_checkpoint
     from orchestrator.mlflow_runs import client_for, get_or_create_trial_run
+    from orchestrator.trial_callbacks import FaultInjector, TuneReporter
     from orchestrator.trial_logger import TrialLogger
 
     cfg, overrides = _config_for(ctx, sampled, index)
+    if ctx.build_cache and cfg.feature_cache.mode == "auto":
+        cfg = replace(cfg, feature_cache=replace(cfg.feature_cache, mode="build"))
     run_dir = run_dir_of(ctx.sweep_dir, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer_kwargs, ddp_callbacks = ddp or (None, [])
@@ -219,6 +172,7 @@ def newest_checkpoint(run_dir: Path, checkpoint: Any) -> Path | None:
 
 def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable (plain Lightning inside the trial)."""
+    import torch
     from ray import tune
 
     from core.errors import NonFiniteLossError
@@ -243,7 +197,8 @@ def run_trial(sampled: dict[str, Any], ctx: TrialContext) -> None:
         diverged(ctx, trial_id, index, str(exc))
         tune.report({STATUS_KEY: "diverged", ERROR_KEY: str(exc)})
         return
-    final = {**result["metrics"], "step": result["global_step"], STATUS_KEY: "done"}
+    final = {**result["metrics"], "step": result["global_step"], STATUS_KEY: "done",
+             CACHE_KEY: result["feature_cache"]}
     done.write_text(json.dumps(final))
     tracking_quietly(f"marking run {run_id} FINISHED",
                       lambda: finish_run(client_for(ctx.tracking_uri), run_id, "FINISHED"))

@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from core.training.callbacks import step_of
+from core.names import step_of
 from orchestrator.trial import (
     DONE_JSON,
     ERROR_KEY,

@@ -20,22 +20,16 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from core.names import (
-    BEST_CHECKPOINT_FILE,
-    CHECKPOINTS_DIRNAME,
+    METRICS_KEY,
     MLFLOW_JOURNAL,
-    RESOLVED_CONFIG_NAME,
     TAG_FEATURE_CACHE,
-    VISUALS_DIRNAME,
 )
-from core.training.callbacks import METRICS_KEY
 from orchestrator.mlflow_runs import (
-    ARTIFACT_CHECKPOINT,
-    ARTIFACT_CONFIG,
-    ARTIFACT_VISUALS,
     log_params,
 )
 from orchestrator.mlflow_sender import (
     ARTIFACT_UPLOAD,
+    ArtifactUploader,
     MlflowSender,
     journal_pending,
     save_unsent,
@@ -59,8 +53,7 @@ class TrialLogger(pl.Callback):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.params, self.log_every_n_steps = params, log_every_n_steps
         self.sender = MlflowSender(tracking_uri, run_id)
-        self._uploaded: dict[str, tuple[int, int]] = {}  # artifact -> (mtime_ns, size)
-        self._listed = False
+        self.uploader = ArtifactUploader(run_id)
         self._last_step = -1
         self._restored: dict[str, Any] | None = None
         # resumed: steps the run already holds, per key (read once, by the line's thread), so a
@@ -101,7 +94,7 @@ class TrialLogger(pl.Callback):
             return
         run_dir = Path(trainer.default_root_dir)
         self.sender.submit("values kept from an earlier process", lambda c: _raise_if(
-            send_saved(c, run_dir, lambda: self.upload_artifacts(run_dir))))
+            send_saved(c, run_dir, lambda: self.uploader.upload(c, run_dir))))
         journal = run_dir / MLFLOW_JOURNAL
         lost = journal_pending(journal)  # queued by a process killed before it sent them
         journal.unlink(missing_ok=True)
@@ -176,34 +169,10 @@ class TrialLogger(pl.Callback):
             what = save_unsent(run_dir, self.run_id, unsent, self.sender.dropped)
             print(f"slotsweep: warning: MLflow run {self.run_id} misses {what}: kept in "
                   f"{run_dir}, sent when the server answers again", file=sys.stderr, flush=True)
-        self.sender = MlflowSender(self.tracking_uri, self.run_id, self.sender._client)
+        self.sender = MlflowSender(self.tracking_uri, self.run_id, self.sender.client)
 
     def _queue_uploads(self, run_dir: Path, checkpoint: bool = True) -> None:
-        self.sender.submit(ARTIFACT_UPLOAD, lambda c: self.upload_artifacts(run_dir, checkpoint))
-
-    def upload_artifacts(self, run_dir: Path, checkpoint: bool = True) -> None:
-        """Upload ``config.yaml``, visualisations not uploaded yet and (``checkpoint``)
-        ``checkpoints/best.ckpt`` of ``run_dir``; a file is sent again only when it changed.
-        Raises on the first failed call (the line tries the whole upload again)."""
-        run_dir = Path(run_dir)
-        if not self._listed:  # a resumed trial: what an earlier process uploaded is there
-            listed = self.client.list_artifacts(self.run_id, ARTIFACT_VISUALS)
-            self._listed = True
-            self._uploaded.update({info.path: (0, -1) for info in listed})
-        files = [(run_dir / RESOLVED_CONFIG_NAME, ARTIFACT_CONFIG)]
-        files += [(p, ARTIFACT_VISUALS) for p in sorted((run_dir / VISUALS_DIRNAME).glob("*.png"))]
-        if checkpoint:
-            best = run_dir / CHECKPOINTS_DIRNAME / BEST_CHECKPOINT_FILE
-            files.append((best, ARTIFACT_CHECKPOINT))
-        for path, folder in files:
-            key = f"{folder}/{path.name}"
-            if not path.is_file() or (folder == ARTIFACT_VISUALS and key in self._uploaded):
-                continue
-            stat = path.stat()
-            if self._uploaded.get(key) == (stat.st_mtime_ns, stat.st_size):
-                continue
-            self.client.log_artifact(self.run_id, str(path), folder)
-            self._uploaded[key] = (stat.st_mtime_ns, stat.st_size)
+        self.sender.submit(ARTIFACT_UPLOAD, lambda c: self.uploader.upload(c, run_dir, checkpoint))
 
 
 def _raise_if(missing: str | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.config import Config, config_to_yaml
-from core.names import BEST_JSON, VISUALS_DIRNAME
+from core.names import BEST_JSON, METRICS_KEY, VISUALS_DIRNAME, checkpoint_path
+from core.training.selection import selection_key
 
 CONFIG_KEY = "slotsweep_config"  # the resolved config (YAML text) inside every checkpoint
-METRICS_KEY = "slotsweep_metrics"  # {"step": N, "metrics": {...}}: what was logged at step N
 _PALETTE = torch.tensor([
     [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
@@ -157,26 +156,6 @@ class RunStateCallback(pl.Callback):
             np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
             version, internal, gauss_next = state["python"]
             random.setstate((version, tuple(internal), gauss_next))
-
-
-def selection_key(metrics: dict[str, Any], metric: str, mode: str,
-                  tie_break: str | None = None) -> tuple[float, float]:
-    """Sort key of a set of metrics under a selection rule: larger is better. ``mode`` max or
-    min applies to both ``metric`` and ``tie_break``; a missing or NaN tie-break loses ties."""
-    sign = 1.0 if mode == "max" else -1.0
-    tie = metrics.get(tie_break) if tie_break else None
-    tie_key = sign * float(tie) if tie is not None and not math.isnan(float(tie)) else -math.inf
-    return sign * float(metrics[metric]), tie_key
-
-
-def checkpoint_path(directory: str | Path, step: int) -> Path:
-    """``<directory>/step=N.ckpt``: the name of every step checkpoint."""
-    return Path(directory) / f"step={step}.ckpt"
-
-
-def step_of(path: str | Path) -> int:
-    """``.../step=2500.ckpt`` -> 2500 (checkpoints sort by step, not by name)."""
-    return int(Path(path).stem.split("=", 1)[1])
 
 
 class BestCheckpoint(pl.Callback):

@@ -41,9 +41,9 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "4/4 trials finished" in out and "best: trial" in out
-    # the driver built the feature cache once; every trial read it
+    # the first trial built the feature cache (under a lock); every trial read it
     cache_line = next(line for line in out.splitlines() if line.startswith("feature cache: "))
-    assert "trials read it" in cache_line
+    assert "(read by 4 of 4 trials" in cache_line, cache_line
     cache_dir = cache_line.removeprefix("feature cache: ").split(" (")[0]
     assert (Path(cache_dir) / "manifest.json").is_file()
     record = json.loads((tmp_path / "e2e" / "best.json").read_text())

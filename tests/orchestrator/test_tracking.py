@@ -46,7 +46,7 @@ from orchestrator.mlflow_runs import (
     log_params,
     runs_of_sweep,
 )
-from orchestrator.mlflow_sender import journal_pending, send_saved
+from orchestrator.mlflow_sender import ArtifactUploader, journal_pending, send_saved
 from orchestrator.mlflow_server import LocalServer, check_tracking_uri, resolve_tracking_uri
 from orchestrator.trial_logger import TrialLogger
 
@@ -187,10 +187,10 @@ def test_trial_logger_logs_a_real_training_run(client, experiment, server, tmp_p
     assert listed == {"config/config.yaml", "visualizations/step=2.png",
                       "checkpoints/best.ckpt"}
     # a restored trial (fresh callback, same run) does not send the visualisations again
-    again = TrialLogger(server.uri, run)
+    again = ArtifactUploader(run)
     sent = []
     monkeypatch.setattr(MlflowClient, "log_artifact", lambda self, *a: sent.append(a[1]))
-    again.upload_artifacts(tmp_path / "run", checkpoint=False)
+    again.upload(MlflowClient(server.uri), tmp_path / "run", checkpoint=False)
     assert sent == [str(tmp_path / "run" / "config.yaml")]
     monkeypatch.undo()
     monkeypatch.setenv("SLOTSWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

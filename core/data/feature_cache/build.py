@@ -23,13 +23,13 @@ from filelock import FileLock
 
 from core.data.config import FeatureCacheConfig
 from core.data.feature_cache.key import (
-    DTYPES,
     FORMAT,
     MANIFEST,
     CacheError,
     cache_dir,
     folder_name,
     key_inputs,
+    stored_dtype,
     writable_cache_dir,
 )
 from core.data.feature_cache.reader import FeatureCache, open_cache
@@ -107,7 +107,7 @@ def _build(folder: Path, encoder: torch.nn.Module, dataset: Any,
            splits: dict[str, Sequence[Any]], inputs: dict[str, Any],
            normalization: tuple[Sequence[float], Sequence[float]], shard_mb: float,
            device: torch.device, batch_frames: int, log: Callable[[str], None]) -> None:
-    dtype = DTYPES[inputs["dtype"]]
+    dtype = stored_dtype(inputs["dtype"])
     P, F = int(encoder.n_patches), int(encoder.feat_dim)
     rows_per_shard = max(1, int(shard_mb * 2**20) // (P * F * 2))
     manifest: dict[str, Any] = {"format": FORMAT, "complete": False, "key_inputs": inputs,

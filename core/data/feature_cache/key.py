@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from core.data.config import FeatureCacheConfig
 from core.data.prepare import cache_root
 from core.errors import SlotsweepError
@@ -24,7 +22,14 @@ from core.paths import PathError, writable_dir
 
 FORMAT = "slotsweep.features/v1"
 MANIFEST = "manifest.json"  # in the cache folder: key inputs, videos, shards
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # feature_cache.dtype -> stored dtype
+
+
+def stored_dtype(name: str) -> Any:
+    """``feature_cache.dtype`` -> the torch dtype features are stored in (torch is imported here
+    only: finding a cache's folder needs no torch)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 class CacheError(SlotsweepError):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.data.feature_cache.key import DTYPES, FORMAT, MANIFEST, CacheError
+from core.data.feature_cache.key import FORMAT, MANIFEST, CacheError, stored_dtype
 from core.data.layout import write_json
 from core.hashing import file_digest
 
@@ -198,7 +198,7 @@ def open_cache(root: str | Path, inputs: dict[str, Any] | None = None,
         raise CacheError(f"{root} was built for other data or another backbone")
     try:
         _verify(root, manifest, full_check)
-        dtype = DTYPES[manifest["key_inputs"]["dtype"]]
+        dtype = stored_dtype(manifest["key_inputs"]["dtype"])
         shape = (int(manifest["shape"][0]), int(manifest["shape"][1]))
         splits = {name: SplitFeatures(root, name, meta, dtype, shape)
                   for name, meta in manifest["splits"].items()}

@@ -1,0 +1,71 @@
+"""The Lightning callbacks of a trial (loaded in the trial's process only): report to Tune after
+every validation, and the faults tests inject."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from core.names import BEST_JSON, LAST_CHECKPOINT
+from orchestrator.trial import STATUS_KEY
+
+HOLD_S = 300.0  # how long a "hold" fault parks its trial (a test kills it meanwhile)
+
+
+def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+class TuneReporter(pl.Callback):
+    """After every validation: save ``last.ckpt`` and report metrics + that checkpoint.
+
+    ``report(metrics, checkpoint_dir)`` is ``ray.tune.report`` for a plain trial and
+    ``ray.train.report`` on the workers of a DDP trial.
+    """
+
+    def __init__(self, run_dir: Path, report: Any, checkpoint_cls: Any) -> None:
+        self.run_dir, self.report, self.checkpoint_cls = run_dir, report, checkpoint_cls
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {**_metrics(trainer), "step": trainer.global_step, STATUS_KEY: "running"}
+        with tempfile.TemporaryDirectory(prefix="slotsweep-ckpt-") as tmp:
+            path = Path(tmp) / LAST_CHECKPOINT
+            trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes
+            best = self.run_dir / BEST_JSON
+            if best.is_file():
+                shutil.copy(best, Path(tmp) / BEST_JSON)
+            self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
+
+
+class FaultInjector(pl.Callback):
+    """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, turn its loss
+    NaN, or hold still once (so a test can kill it at a known step) at ``step``. A marker file
+    makes ``raise`` and ``hold`` happen only once per trial."""
+
+    def __init__(self, spec: str, index: int, marker: Path) -> None:
+        kind, which, step = spec.split(":")
+        self.kind, self.step, self.marker = kind, int(step), marker
+        self.active = int(which) == index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.active or trainer.global_step != self.step:
+            return
+        if self.kind == "raise" and not self.marker.exists():
+            self.marker.write_text("raised")
+            raise RuntimeError(f"injected fault at step {self.step}")
+        if self.kind == "hold" and not self.marker.exists():
+            self.marker.write_text("held")
+            time.sleep(HOLD_S)
+        if self.kind == "nan":
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
