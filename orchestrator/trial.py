@@ -133,11 +133,12 @@ def train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index:
 
 def _readable_step(path: Path) -> int | None:
     """The step stored in checkpoint ``path``, or None (one warning line) when it cannot be read:
-    a file cut short by a crash or a full disk before writes were atomic."""
+    a file cut short by a crash or a full disk before writes were atomic. Memory-mapped: the
+    tensors are read once, by training."""
     from core.training.checkpoint import read_checkpoint
 
     try:
-        return int(read_checkpoint(path).get("global_step", -1))
+        return int(read_checkpoint(path, mmap=True).get("global_step", -1))
     except SlotsweepError as exc:
         print(f"slotsweep: warning: skipping {exc}", file=sys.stderr)
         return None

@@ -23,13 +23,15 @@ STAGE_SECTIONS = ("model", "optimizer", "globals")
 _MISFIT_HINT = "was it trained with other NUM_SLOTS / SLOT_DIM / backbone?"
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by slotsweep, loaded safely (``weights_only=True``)."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint written by slotsweep, loaded safely (``weights_only=True``). ``mmap``: map
+    the tensors instead of reading them (a cheap look at its step and whether it opens: a file
+    cut short has no zip directory at its end)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: check the --continue path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise ConfigError(f"checkpoint {path} is corrupt or not a slotsweep checkpoint "
                           f"({one_line(exc, 160)}): use another checkpoint") from None
