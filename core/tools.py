@@ -94,6 +94,24 @@ def extract_features(checkpoint: str | Path, output_dir: str | Path,
     return path
 
 
+def predict_masks(checkpoint: str | Path, data_dir: str | Path | None = None, clips: int = 4,
+                  split: str = "val") -> dict[str, Any]:
+    """The trained model of ``checkpoint`` on the first ``clips`` clips of ``split``: ``video``
+    (N, T, 3, H, W) normalised, ``masks`` (N, T, K, h, w) soft slot masks, ``true`` (N, T, H, W)
+    object ids or None, ``features`` and ``reconstruction`` (N, T, h*w, F), ``mean``/``std``."""
+    from core.names import MASKS_KEY
+
+    cfg, module = load_trained(checkpoint)
+    _, loader, (mean, std) = _clips(cfg, data_dir, split, clips)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        out = module.model({"video": batch["video"]})
+    return {"video": batch["video"][:clips], "masks": module._masks(out)[:clips],
+            "true": batch[MASKS_KEY][:clips] if MASKS_KEY in batch else None,
+            "features": out["features"][:clips], "reconstruction": out["reconstruction"][:clips],
+            "mean": mean, "std": std, "config": cfg}
+
+
 def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
               data_dir: str | Path | None = None, clips: int = 4, split: str = "val") -> list[Path]:
     """Frames, per-slot masks, overlay and feature reconstructions of the first ``clips``
@@ -101,23 +119,17 @@ def visualize(checkpoint: str | Path, output_dir: str | Path | None = None,
     import numpy as np
     from PIL import Image
 
-    from core.names import MASKS_KEY
     from core.training.callbacks import slot_grid
 
-    cfg, module = load_trained(checkpoint)
-    _, loader, (mean, std) = _clips(cfg, data_dir, split, clips)
+    pred = predict_masks(checkpoint, data_dir, clips, split)
     ckpt = Path(checkpoint)
     output = Path(output_dir) if output_dir else ckpt.parent.parent / VISUALS_DIRNAME / ckpt.stem
     output.mkdir(parents=True, exist_ok=True)
-    batch = next(iter(loader))
-    with torch.no_grad():
-        out = module.model({"video": batch["video"]})
-    masks = module._masks(out)
     written = []
-    for i in range(min(clips, batch["video"].shape[0])):
-        true = batch[MASKS_KEY][i] if MASKS_KEY in batch else None
-        grid = slot_grid(batch["video"][i], masks[i], mean, std, out["features"][i],
-                         out["reconstruction"][i], true)
+    for i in range(pred["video"].shape[0]):
+        true = pred["true"][i] if pred["true"] is not None else None
+        grid = slot_grid(pred["video"][i], pred["masks"][i], pred["mean"], pred["std"],
+                         pred["features"][i], pred["reconstruction"][i], true)
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         path = output / f"clip{i:02d}.png"
         Image.fromarray(array).save(path)

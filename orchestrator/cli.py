@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from core import cli as core_cli
 from core.errors import SlotsweepError
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def sweep_command(args: argparse.Namespace, on_progress: Any = None) -> int:
+    """``on_progress``: see :func:`orchestrator.sweep.run_sweep` (the layer above passes its
+    report builder)."""
     from orchestrator.spec import load_sweep
 
     load_sweep(args.file, list(args.overrides))  # a bad file fails here, in a fraction of a second,
@@ -25,7 +28,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep, shutdown_ray
 
     try:
-        return run_sweep(args.file, list(args.overrides), resume=args.resume)
+        return run_sweep(args.file, list(args.overrides), resume=args.resume,
+                         on_progress=on_progress)
     finally:
         shutdown_ray()
 
@@ -41,7 +45,7 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--resume", action="store_true",
                        help="finish an interrupted sweep: finished trials are kept, interrupted "
                        "ones continue from their last checkpoint")
-    sweep.set_defaults(func=_sweep)
+    sweep.set_defaults(func=sweep_command)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -147,14 +151,15 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``slotsweep`` parser: one sub-parser per command of ``COMMANDS``."""
+def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
+    """The ``slotsweep`` parser: one sub-parser per command of ``COMMANDS``, then of ``extra``
+    (the layer above adds its own: ``dashboards.cli``)."""
     parser = argparse.ArgumentParser(
         prog="slotsweep",
         description="Train slot-attention video models and sweep their hyperparameters.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
+    for add in (*COMMANDS, *extra):
         add(sub)
     return parser
 

@@ -59,17 +59,32 @@ class SlotModelWrapper(mlflow.pyfunc.PythonModel):
         }
 
 
-def find_sweep(sweep: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``best.json`` of a sweep given by name, folder or file, and its contents."""
+def find_sweep_dir(sweep: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """A sweep's folder given by name, folder or best.json, and its ``best.json`` (None while
+    it runs). Unknown: one line listing the sweeps there are."""
     from orchestrator.spec import DEFAULT_STORAGE
+    from orchestrator.sweep import SPEC_YAML
 
-    candidates = [Path(sweep), Path(sweep) / BEST_JSON,
-                  DEFAULT_STORAGE / str(sweep) / BEST_JSON]
-    for path in candidates:
-        if path.is_file() and path.name == BEST_JSON:
-            return path.resolve(), json.loads(path.read_text())
-    raise SlotsweepError(f"no sweep {sweep}: no best.json there or under {DEFAULT_STORAGE}/{sweep} "
-                         "(pass the sweep's folder, e.g. runs/sweeps/NAME, after it finished)")
+    given = Path(sweep)
+    folders = (given.parent if given.name == BEST_JSON else given, DEFAULT_STORAGE / str(sweep))
+    for folder in folders:
+        if (folder / SPEC_YAML).is_file() or (folder / BEST_JSON).is_file():
+            best = folder / BEST_JSON
+            return folder.resolve(), json.loads(best.read_text()) if best.is_file() else None
+    known = sorted(p.parent.name for p in DEFAULT_STORAGE.glob(f"*/{SPEC_YAML}"))
+    there = f"sweeps under {DEFAULT_STORAGE}: {', '.join(known)}" if known else \
+        f"no sweep under {DEFAULT_STORAGE} yet"
+    raise SlotsweepError(f"no sweep {sweep} ({there}): pass a sweep's name or folder")
+
+
+def find_sweep(sweep: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``best.json`` of a finished sweep given by name, folder or file, and its contents."""
+    folder, record = find_sweep_dir(sweep)
+    if record is None:
+        raise SlotsweepError(f"sweep {sweep} has no {BEST_JSON} yet ({folder}): it is running or "
+                             "was stopped before its end; finish it with slotsweep sweep ... "
+                             "--resume")
+    return folder / BEST_JSON, record
 
 
 def open_store(uri: str | None, record: dict[str, Any] | None = None):

@@ -13,7 +13,7 @@ from core.training.selection import selection_key
 from orchestrator import spec as specs
 from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED, fmt, format_table, short_key
 from orchestrator.spec_check import max_steps
-from orchestrator.trial import CACHE_KEY, ERROR_KEY, STATUS_KEY, run_dir_of
+from orchestrator.trial import CACHE_KEY, ERROR_KEY, STATUS_KEY, TRIAL_JSON, run_dir_of
 
 
 def _key(spec: specs.SweepSpec, metrics: dict[str, Any]) -> tuple[float, float]:
@@ -24,7 +24,7 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
     """One trial's outcome: status, sampled values, its best reported step, checkpoint, run."""
     trial_id = result.metrics.get("trial_id") or Path(result.path).name.split("_", 2)[-1]
     run_dir = run_dir_of(sweep_dir, trial_id)
-    info = json.loads((run_dir / "trial.json").read_text()) if (run_dir / "trial.json").is_file() \
+    info = json.loads((run_dir / TRIAL_JSON).read_text()) if (run_dir / TRIAL_JSON).is_file() \
         else {}
     status = result.metrics.get(STATUS_KEY)
     if result.error is not None:

@@ -7,18 +7,21 @@ embedded server started) -> Ray up and big enough -> generated data made once ->
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shlex
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from core.cli import EXIT_INTERRUPTED
 from core.config import find_config
-from core.errors import ConfigError
+from core.errors import ConfigError, one_line
 from core.names import BEST_JSON, UNSENT_JSON
 from orchestrator import spec as specs
 from orchestrator.mlflow_runs import (
@@ -184,8 +187,13 @@ def _check_resume(spec: specs.SweepSpec, resume: bool) -> None:
 
 
 def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool = False,
-              stream: TextIO | None = None) -> int:
-    """Run (or with ``resume`` finish) the sweep in ``path``; returns the exit code."""
+              stream: TextIO | None = None,
+              on_progress: Callable[[Path, str, bool], None] | None = None) -> int:
+    """Run (or with ``resume`` finish) the sweep in ``path``; returns the exit code.
+
+    ``on_progress(sweep_dir, tracking_uri, final)``: called from a background thread every
+    ``PROGRESS_EVERY_S`` while trials run (one call at a time), and once with ``final`` after
+    ``best.json`` is written; its errors never stop the sweep (one warning line)."""
     stream = stream or sys.stdout
     _quiet()
     spec = specs.load_sweep(path, overrides)
@@ -197,12 +205,12 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple = (), resume: bool 
     if uri is not None:
         check_tracking_uri(uri)
     with sweep_lock(sweep_dir):  # after the checks: a refused sweep leaves nothing behind
-        return _run_locked(spec, sweep_dir, path, overrides, resume, stream, uri)
+        return _run_locked(spec, sweep_dir, path, overrides, resume, stream, uri, on_progress)
 
 
 def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
                 overrides: list[str] | tuple, resume: bool, stream: TextIO,
-                uri: str | None) -> int:
+                uri: str | None, on_progress: Callable[[Path, str, bool], None] | None) -> int:
     _check_resume(spec, resume)
     use_cache = _prepare_data(spec, stream)
     server = None
@@ -230,7 +238,8 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
         tuner = _tuner(spec, _trainable(spec, ctx), resume)
         for seen in LIFECYCLE.values():
             seen.clear()
-        with term_as_interrupt():
+        with term_as_interrupt(), _every(PROGRESS_EVERY_S, on_progress and (
+                lambda: _progress(on_progress, sweep_dir, uri, False))):
             results = tuner.fit()
         trials = [summarize_trial(spec, sweep_dir, r) for r in results]
         cut = interrupted_trials()
@@ -266,6 +275,8 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
         if server is not None:
             print(f"MLflow UI: `slotsweep ui` then open http://127.0.0.1:5000 "
                   f"(store: {mlflow_root()})", file=stream)
+        if on_progress is not None:
+            _progress(on_progress, sweep_dir, uri, True)
         all_failed = bool(trials) and len(failed) == len(trials)
         status = "FAILED" if all_failed else "FINISHED" if complete else "KILLED"
         partial = "false" if complete else f"{ended}/{spec.trials} trials ended"
@@ -283,6 +294,38 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
     finally:
         if server is not None:
             server.stop()
+
+
+PROGRESS_EVERY_S = 60.0
+
+
+def _progress(call: Callable[[Path, str, bool], None], sweep_dir: Path, uri: str,
+              final: bool) -> None:
+    try:
+        call(sweep_dir, uri, final)
+    except Exception as exc:  # a report is a view: it never stops the sweep
+        print(f"slotsweep: warning: sweep progress hook failed ({one_line(exc)})",
+              file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _every(seconds: float, call: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``call`` every ``seconds`` in a daemon thread while the block runs (none at once)."""
+    if call is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            call()
+
+    thread = threading.Thread(target=loop, name="slotsweep-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def shutdown_ray() -> None:

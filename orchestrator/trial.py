@@ -31,6 +31,7 @@ from core.names import (
 )
 
 RUN_DIRNAME = "trials"
+TRIAL_JSON = "trial.json"  # a trial's index, sampled values, overrides, MLflow run, seed, pid
 DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep never retrains it
 STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
 ERROR_KEY = "slotsweep_error"
@@ -119,7 +120,7 @@ def train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index:
         callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))
     continue_from = newest_checkpoint(run_dir, checkpoint)
     if rank_zero:
-        (run_dir / "trial.json").write_text(json.dumps(
+        (run_dir / TRIAL_JSON).write_text(json.dumps(
             {"trial_id": trial_id, "index": index, "sampled": sampled, "overrides": overrides,
              "mlflow_run_id": run_id, "seed": cfg.seed, "pid": os.getpid()}, indent=1,
             default=str))
