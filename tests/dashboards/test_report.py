@@ -116,21 +116,30 @@ def test_report_of_an_unknown_sweep_lists_the_sweeps(tmp_path, monkeypatch, caps
     assert len(err.splitlines()) == 1 and "no sweep nope" in err and "mine" in err, err
 
 
-def test_report_written_by_a_real_sweep(tmp_path, server):
-    """The quickstart's four trials (real training): masks of the top trials at their best
-    step and every trial's slot diagnostics, the page logged to the parent run."""
+def test_report_written_by_a_real_sweep(tmp_path, server, monkeypatch, capsys):
+    """`slotsweep sweep` on the quickstart (real training): the report refreshes while trials
+    run and is written whole at the end (masks of the top trials at their best step, every
+    trial's slot diagnostics), logged to the parent run, its path printed."""
     from mlflow import MlflowClient
 
-    from orchestrator.sweep import run_sweep, shutdown_ray
+    import dashboards.cli as top
+    import orchestrator.sweep as sweeps
 
+    calls = []
+    refresh = top._refresh
+    monkeypatch.setattr(sweeps, "PROGRESS_EVERY_S", 2.0)
+    monkeypatch.setattr(top, "_refresh", lambda d, u, final: (calls.append(final),
+                                                              refresh(d, u, final)))
     storage = tmp_path / "sweeps"
     quick = Path(__file__).resolve().parents[2] / "sweeps" / "quickstart.yaml"
-    assert run_sweep(quick, [f"storage={storage}", "name=rep", f"mlflow.tracking_uri={server.uri}",
-                             "mlflow.experiment=rep", "trials=2", "trainer.max_steps=4"]) == 0
-    shutdown_ray()
-    path = build_report(storage / "rep", tracking_uri=server.uri, top_k=2)
+    assert top.main(["sweep", str(quick), f"storage={storage}", "name=rep",
+                     f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=rep", "trials=2",
+                     "trainer.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    path = storage / "rep" / "report.html"
+    assert f"report: {path}" in out
+    assert calls[-1] is True and False in calls  # refreshed during the run, then whole
     html = path.read_text()
-    assert path == storage / "rep" / "report.html"
     assert _rows(html) == 2 and html.count('class="mask"') == 2
     assert "slot 1" not in html  # row labels are drawn into the images, not the page
     assert re.search(r"<td class=\"num\">\d / \d</td>", html)  # diagnostics: slots in use
@@ -138,3 +147,5 @@ def test_report_written_by_a_real_sweep(tmp_path, server):
     parent = client.search_runs([client.get_experiment_by_name("rep").experiment_id],
                                 filter_string="tags.`slotsweep.kind` = 'sweep'")[0]
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    again = build_report(storage / "rep", tracking_uri=server.uri, top_k=1, log=False)
+    assert again.read_text().count('class="mask"') == 1  # kept panels, drawn once
