@@ -57,6 +57,16 @@ TAG_THREADS = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend
 TAG_FEATURE_CACHE = "slotsweep.feature_cache"  # the cache folder a trial read, or "none"
 TAG_PARTIAL = "slotsweep.partial"  # a sweep run: "false", or "<ended>/<planned> trials ended"
 
+# ---------------------------------------------------------------- Model Registry version tags
+# (besides these: the version's metric values by metric name, its sampled values by search key)
+VERSION_SWEEP = "sweep"  # the sweep's name
+VERSION_TRIAL = "trial"  # the trial's Tune id
+VERSION_STEP = "step"  # the checkpoint's training step
+VERSION_SOURCE_RUN = "source_run"  # the trial's MLflow run id
+VERSION_METRIC = "metric"  # the metric the version was chosen by
+VERSION_CHECKPOINT = "checkpoint"  # the checkpoint's artifact URI, runs:/<run id>/checkpoints/...
+VERSION_CHECKPOINT_LOCAL = "checkpoint_local"  # the checkpoint's path on the promoting machine
+
 # ---------------------------------------------------------------- environment variables
 CACHE_ENV = "SLOTSWEEP_CACHE"  # root of generated data and feature caches (~/.cache/slotsweep)
 FEATURE_CACHE_ENV = "SLOTSWEEP_FEATURE_CACHE"  # the feature caches' folder alone

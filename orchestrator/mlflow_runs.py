@@ -37,7 +37,8 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def _quote(value: str, what: str) -> str:
+def filter_value(value: str, what: str) -> str:
+    """``value`` quoted for an MLflow search filter (``what`` names it in the error)."""
     if "'" in value or "\\" in value:
         raise SlotsweepError(f"{what} {value!r} must not contain quotes or backslashes")
     return f"'{value}'"
@@ -79,7 +80,7 @@ def client_for(tracking_uri: str) -> MlflowClient:
 
 
 def _find(client: MlflowClient, experiment_id: str, filters: dict[str, str]) -> Run | None:
-    query = " AND ".join(f'tags."{k}" = {_quote(v, k)}' for k, v in filters.items())
+    query = " AND ".join(f'tags."{k}" = {filter_value(v, k)}' for k, v in filters.items())
     found = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
                                max_results=1)
     return found[0] if found else None
@@ -189,9 +190,18 @@ def runs_of_sweep(client: MlflowClient, experiment_id: str, parent_run_id: str) 
     token = None
     while True:
         page = client.search_runs([experiment_id], f'tags."{TAG_PARENT}" = '
-                                  f"{_quote(parent_run_id, 'run id')}",
+                                  f"{filter_value(parent_run_id, 'run id')}",
                                   order_by=["attributes.start_time ASC"], page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
             return runs
+
+
+def upload_once(client: MlflowClient, run_id: str, path: str | Path, folder: str) -> str:
+    """Log the file ``path`` into ``folder`` of run ``run_id`` unless it is there already (an
+    artifact upload leaves the run's status and times as they are); its ``runs:/`` URI."""
+    artifact = f"{folder}/{Path(path).name}"
+    if artifact not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_artifact(run_id, str(path), folder)
+    return f"runs:/{run_id}/{artifact}"

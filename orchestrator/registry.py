@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,31 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from core.errors import SlotsweepError, one_line
-from core.names import BEST_JSON, CHECKPOINTS_DIRNAME, RESOLVED_CONFIG_NAME, checkpoint_path
+from core.names import (
+    BEST_JSON,
+    CHECKPOINTS_DIRNAME,
+    RESOLVED_CONFIG_NAME,
+    VERSION_CHECKPOINT,
+    VERSION_CHECKPOINT_LOCAL,
+    VERSION_METRIC,
+    VERSION_SOURCE_RUN,
+    VERSION_STEP,
+    VERSION_SWEEP,
+    VERSION_TRIAL,
+    checkpoint_path,
+)
 from orchestrator import PROJECT_DIR
-from orchestrator.mlflow_runs import client_for, quiet_mlflow
+from orchestrator.mlflow_runs import (
+    ARTIFACT_CHECKPOINT,
+    client_for,
+    filter_value,
+    quiet_mlflow,
+    upload_once,
+)
 from orchestrator.mlflow_server import (
     LocalServer,
     check_tracking_uri,
@@ -26,7 +46,6 @@ from orchestrator.mlflow_server import (
 )
 
 CORE_DIR = PROJECT_DIR / "core"
-MODEL_NAME = "model"  # artifact name of the logged MLflow model inside the trial's run
 OUTPUT_KEYS = ("slots", "masks", "attn_masks")
 
 
@@ -144,7 +163,13 @@ def choose(record: dict[str, Any], client: Any, metric: str | None, mode: str | 
     if not checkpoint.is_file():
         raise SlotsweepError(f"trial {trial['trial_id']} has its best {metric} at step {step} but "
                              f"no checkpoint of that step ({checkpoint})")
-    return {**trial, "step": step, "checkpoint": str(checkpoint), "metric": metric, "score": value}
+    at_step = {}  # the trial's metric values at this step (its record holds another step's)
+    for key in trial.get("metrics") or {}:
+        values = [m.value for m in client.get_metric_history(trial["mlflow_run_id"], key)
+                  if m.step == step]
+        at_step[key] = values[-1] if values else None
+    return {**trial, "step": step, "checkpoint": str(checkpoint), "metric": metric, "score": value,
+            "metrics": at_step}
 
 
 def full_state(run_dir: str | Path, checkpoint: str | Path) -> tuple[Any, dict]:
@@ -174,51 +199,107 @@ def _signature(cfg: Any) -> Any:
     )
 
 
+def _version_tags(record: dict[str, Any], chosen: dict[str, Any], checkpoint_uri: str) -> dict:
+    """A version's tags: where it comes from, its metric values and its sampled values."""
+    tags = {VERSION_SWEEP: record["sweep"], VERSION_TRIAL: chosen["trial_id"],
+            VERSION_STEP: chosen["step"], VERSION_SOURCE_RUN: chosen["mlflow_run_id"],
+            VERSION_METRIC: chosen["metric"], VERSION_CHECKPOINT: checkpoint_uri,
+            VERSION_CHECKPOINT_LOCAL: chosen["checkpoint"]}
+    tags |= {m: v for m, v in (chosen.get("metrics") or {}).items() if v is not None}
+    tags[chosen["metric"]] = chosen["score"]
+    tags |= chosen.get("sampled") or {}
+    return {key: str(value) for key, value in tags.items()}
+
+
+def describe(record: dict[str, Any], chosen: dict[str, Any]) -> str:
+    """A version's description: ``sweep S, trial T, step N: val/ari=0.8123 (val/mbo=0.4321);
+    sampled: key=value, ...``."""
+    text = (f"sweep {record['sweep']}, trial {chosen['trial_id']}, step {chosen['step']}: "
+            f"{chosen['metric']}={chosen['score']:.4f}")
+    others = [f"{m}={v:.4f}" for m, v in (chosen.get("metrics") or {}).items()
+              if v is not None and m != chosen["metric"]]
+    if others:
+        text += f" ({', '.join(others)})"
+    sampled = chosen.get("sampled") or {}
+    if sampled:
+        text += "; sampled: " + ", ".join(f"{k}={v}" for k, v in sorted(sampled.items()))
+    return text
+
+
+def find_version(client: Any, name: str, tags: dict[str, str]) -> str | None:
+    """The newest version of ``name`` registered from the same sweep, trial and step."""
+    same = (VERSION_SWEEP, VERSION_TRIAL, VERSION_STEP)
+    versions = client.search_model_versions(f"name = {filter_value(name, 'model name')}")
+    found = [int(v.version) for v in versions if all(v.tags.get(k) == tags[k] for k in same)]
+    return str(max(found)) if found else None
+
+
+def _register(client: Any, uri: str, name: str, chosen: dict[str, Any]) -> str:
+    """Log the checkpoint as a pyfunc model, an MLflow LoggedModel of the trial's experiment
+    whose source run is the trial's (no active run: the trial's run stays as it ended), and
+    register it as a new version of ``name``."""
+    from core.config import config_to_yaml
+
+    run = client.get_run(chosen["mlflow_run_id"])
+    cfg, state = full_state(chosen["run_dir"], chosen["checkpoint"])
+    # the LoggedModel's name, shown in the experiment's Models tab: no / : . % or quotes
+    title = re.sub(r"[/:.%\"']", "-", f"{run.info.run_name or chosen['trial_id']}-step-"
+                                        f"{chosen['step']}")
+    model = client.create_logged_model(
+        run.info.experiment_id, name=title, source_run_id=run.info.run_id,
+        params={k: str(v) for k, v in (chosen.get("sampled") or {}).items()})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights, config = Path(tmp) / "weights.pt", Path(tmp) / RESOLVED_CONFIG_NAME
+            torch.save(state, weights)
+            config.write_text(config_to_yaml(cfg))
+            mlflow.set_tracking_uri(uri)
+            mlflow.pyfunc.log_model(
+                name=title, model_id=model.model_id, python_model=SlotModelWrapper(),
+                artifacts={"weights": str(weights), "config": str(config)},
+                code_paths=[str(CORE_DIR)], signature=_signature(cfg),
+                input_example=np.zeros((2, cfg.dataset.ep_length, 3, cfg.dataset.img_size,
+                                        cfg.dataset.img_size), np.float32),
+                pip_requirements=["torch", "timm", "omegaconf", "einops", "pytorch-lightning",
+                                  "pyarrow", "scipy"],
+            )
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    version = mlflow.register_model(f"models:/{model.model_id}", name,
+                                    await_registration_for=60)
+    return str(version.version)
+
+
 def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",
             metric: str | None = None, mode: str | None = None,
             tracking_uri: str | None = None) -> dict[str, Any]:
-    """Register the sweep's best checkpoint as a new version of ``name`` with ``alias``."""
-    from core.config import config_to_yaml
-
+    """Point ``name@alias`` at the sweep's best checkpoint: the version registered from the same
+    trial and step before, else a new one. The trial's MLflow run is not reopened: its status and
+    times stay; its checkpoint is uploaded to it when missing."""
     _, record = find_sweep(sweep)
     uri, server = open_store(tracking_uri, record)
     try:
         client = client_for(uri)
         chosen = choose(record, client, metric, mode)
         name = name or record["sweep"]
-        cfg, state = full_state(chosen["run_dir"], chosen["checkpoint"])
-        with tempfile.TemporaryDirectory() as tmp:
-            weights, config = Path(tmp) / "weights.pt", Path(tmp) / RESOLVED_CONFIG_NAME
-            torch.save(state, weights)
-            config.write_text(config_to_yaml(cfg))
-            mlflow.set_tracking_uri(uri)
-            try:
-                with mlflow.start_run(run_id=chosen["mlflow_run_id"]):
-                    info = mlflow.pyfunc.log_model(
-                        name=MODEL_NAME, python_model=SlotModelWrapper(),
-                        artifacts={"weights": str(weights), "config": str(config)},
-                        code_paths=[str(CORE_DIR)], signature=_signature(cfg),
-                        input_example=np.zeros((2, cfg.dataset.ep_length, 3, cfg.dataset.img_size,
-                                                cfg.dataset.img_size), np.float32),
-                        registered_model_name=name, await_registration_for=60,
-                        pip_requirements=["torch", "timm", "omegaconf", "einops",
-                                          "pytorch-lightning", "pyarrow", "scipy"],
-                    )
-            except MlflowException as exc:
-                raise SlotsweepError(_registry_error(uri, exc)) from None
-        version = str(info.registered_model_version)
-        client.set_registered_model_alias(name, alias, version)
-        tags = {"sweep": record["sweep"], "trial": chosen["trial_id"], "step": chosen["step"],
-                "source_run": chosen["mlflow_run_id"], "metric": chosen["metric"],
-                "checkpoint": chosen["checkpoint"]}
-        tags |= {m: v for m, v in (chosen.get("metrics") or {}).items() if v is not None}
-        tags[chosen["metric"]] = chosen["score"]
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, str(value))
+        try:
+            checkpoint = upload_once(client, chosen["mlflow_run_id"], chosen["checkpoint"],
+                                     ARTIFACT_CHECKPOINT)
+            tags = _version_tags(record, chosen, checkpoint)
+            version = find_version(client, name, tags) or _register(client, uri, name, chosen)
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
+            client.update_model_version(name, version, description=describe(record, chosen))
+            client.set_registered_model_alias(name, alias, version)
+        except MlflowException as exc:
+            raise SlotsweepError(_registry_error(uri, exc)) from None
         return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
                 "tracking_uri": None if server is not None else uri,
                 **{k: chosen[k] for k in ("trial_id", "step", "checkpoint")},
-                "metric": chosen["metric"], "score": chosen["score"]}
+                "checkpoint_uri": checkpoint, "metric": chosen["metric"],
+                "score": chosen["score"]}
     finally:
         if server is not None:
             server.stop()

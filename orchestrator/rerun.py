@@ -2,13 +2,15 @@
 
 The trial's resolved config comes from its MLflow run (artifact ``config/config.yaml``), the
 sweep's data settings from its parent run; training runs in this process (no Ray) into a new
-MLflow run tagged ``rerun_of``. With no override, a CPU rerun repeats the trial's losses and
-validation metrics step for step (reading frames or cached features, as the trial did).
+MLflow run tagged ``rerun_of`` and nested under the trial's run (``rerun-of-<trial run name>-<n>``,
+folder ``<log dir>/<trial run name>-<n>``). With no override, a CPU rerun repeats the trial's
+losses and validation metrics step for step (reading frames or cached features, as the trial did).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from core.names import (
     TAG_THREADS,
     TRAIN_LOSS,
 )
-from orchestrator.mlflow_runs import ARTIFACT_CONFIG, client_for, finish_run
+from orchestrator.mlflow_runs import ARTIFACT_CONFIG, client_for, filter_value, finish_run
 from orchestrator.registry import open_store
 from orchestrator.trial_logger import TrialLogger
 
@@ -69,6 +71,31 @@ def _feature_cache_overrides(run: Any) -> list[str]:
     return ["feature_cache.mode=build"]
 
 
+def _sweep_params(client: Any, run: Any) -> dict[str, str]:
+    """The params of the sweep run above ``run`` (a trial's, or a rerun's trial's); {} if none."""
+    while run.data.tags.get(TAG_RERUN_OF):
+        run = client.get_run(run.data.tags[TAG_RERUN_OF])
+    parent_id = run.data.tags.get(TAG_PARENT)
+    return client.get_run(parent_id).data.params if parent_id else {}
+
+
+def rerun_name(client: Any, run: Any, log_dir: str | Path) -> tuple[str, Path]:
+    """The next rerun of ``run``: its MLflow run name ``rerun-of-<run name>-<n>`` and its folder
+    ``<log_dir>/<run name>-<n>``; n counts the run's reruns in MLflow (1, 2, ...) and skips a
+    name or folder already taken."""
+    run_id = run.info.run_id
+    base = run.info.run_name or run_id[:8]
+    reruns = client.search_runs([run.info.experiment_id],
+                                f"tags.{TAG_RERUN_OF} = {filter_value(run_id, 'run id')}",
+                                max_results=10000)
+    taken = {r.info.run_name for r in reruns}
+    folder = re.sub(r"[^\w.-]", "_", base)
+    n = len(reruns) + 1
+    while f"rerun-of-{base}-{n}" in taken or (Path(log_dir) / f"{folder}-{n}").exists():
+        n += 1
+    return f"rerun-of-{base}-{n}", Path(log_dir) / f"{folder}-{n}"
+
+
 def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | None = None,
           log_dir: str | Path = RERUN_DIR) -> dict[str, Any]:
     """Train the trial of MLflow run ``run_id`` again here; returns the new run and a comparison."""
@@ -88,14 +115,12 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
                 raise SlotsweepError(f"run {run_id} has no config/config.yaml artifact: it was "
                                      "not logged by slotsweep") from None
             cfg = load_config(path, [*_feature_cache_overrides(original), *overrides])
-        parent_id = original.data.tags.get(TAG_PARENT)
-        parent = client.get_run(parent_id) if parent_id else None
-        params = parent.data.params if parent else {}
+        params = _sweep_params(client, original)
         data_dir = params.get("data_dir") if params.get("data_dir") not in (None, "None") else None
+        run_name, run_dir = rerun_name(client, original, log_dir)
         new = client.create_run(
-            original.info.experiment_id,
-            run_name=f"rerun-of-{original.info.run_name or run_id[:8]}",
-            tags={TAG_RERUN_OF: run_id, TAG_KIND: "rerun",
+            original.info.experiment_id, run_name=run_name,
+            tags={TAG_RERUN_OF: run_id, TAG_PARENT: run_id, TAG_KIND: "rerun",
                   **({"overrides": " ".join(overrides)} if overrides else {})},
         ).info.run_id
         threads = original.data.tags.get(TAG_THREADS)
@@ -103,7 +128,6 @@ def rerun(run_id: str, overrides: list[str] | tuple = (), tracking_uri: str | No
             import torch
 
             torch.set_num_threads(int(threads))
-        run_dir = Path(log_dir) / new
         tie = params.get("select.tie_break")
         best = best_checkpoint(run_dir, params.get("select.metric", METRIC_ARI),
                                params.get("select.mode", "max"),

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import one_line
-from core.names import BEST_CHECKPOINT_FILE, BEST_JSON, TAG_PARTIAL
-from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run
+from core.names import BEST_JSON, TAG_PARTIAL
+from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run, upload_once
 from orchestrator.mlflow_sender import ArtifactUploader, send_saved, short_http_retries
 from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED
 
@@ -27,9 +27,7 @@ def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
         if not run_id:
             continue
         if t["state"] in (DONE, STOPPED) and t["checkpoint"]:
-            uploaded = {a.path for a in client.list_artifacts(run_id, ARTIFACT_CHECKPOINT)}
-            if f"{ARTIFACT_CHECKPOINT}/{BEST_CHECKPOINT_FILE}" not in uploaded:
-                client.log_artifact(run_id, t["checkpoint"], ARTIFACT_CHECKPOINT)
+            upload_once(client, run_id, t["checkpoint"], ARTIFACT_CHECKPOINT)
         if client.get_run(run_id).info.status == "RUNNING":
             finish_run(client, run_id, status[t["state"]])
 

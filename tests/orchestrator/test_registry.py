@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from core.names import TAG_FEATURE_CACHE
+from core.names import TAG_FEATURE_CACHE, TAG_PARENT, TAG_RERUN_OF
 from orchestrator.cli import main
 from orchestrator.mlflow_server import LocalServer
 
@@ -53,16 +53,37 @@ def _checkpoint_outputs(run_dir: str, checkpoint: str, clip: torch.Tensor) -> di
     return {"slots": out["slots"].numpy(), "masks": out["decoder_masks"].numpy()}
 
 
+def _as_ended(client, run_id: str) -> tuple:
+    run = client.get_run(run_id)
+    return (run.info.status, run.info.start_time, run.info.end_time, run.data.metrics,
+            run.data.params, run.data.tags)
+
+
 def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys):
     server, sweep_dir, record = swept
+    client = MlflowClient(server.uri)
+    best = record["best"]
+    before = _as_ended(client, best["mlflow_run_id"])
+    assert before[0] == "FINISHED" and before[2] is not None
     assert main(["promote", str(sweep_dir), "--name", "slots", "--tracking-uri", server.uri]) == 0
     assert "registered slots version 1 as @champion" in capsys.readouterr().out
-    client = MlflowClient(server.uri)
+    # the trial's run is not reopened: status, start and end time, metrics, params, tags as before
+    assert _as_ended(client, best["mlflow_run_id"]) == before
     version = client.get_model_version_by_alias("slots", "champion")
-    best = record["best"]
     assert version.version == "1" and version.tags["trial"] == best["trial_id"]
     assert version.tags["source_run"] == best["mlflow_run_id"]
+    assert version.run_id == best["mlflow_run_id"]  # the UI links the version to the trial's run
     assert float(version.tags["val/ari"]) == pytest.approx(best["metrics"]["val/ari"])
+    # the checkpoint by its artifact URI (the local path apart), the sampled values, a description
+    assert version.tags["checkpoint"] == f"runs:/{best['mlflow_run_id']}/checkpoints/best.ckpt"
+    assert version.tags["checkpoint_local"] == best["checkpoint"]
+    assert mlflow.artifacts.download_artifacts(version.tags["checkpoint"], tracking_uri=server.uri)
+    assert best["sampled"] and {k: version.tags[k] for k in best["sampled"]} == {
+        k: str(v) for k, v in best["sampled"].items()}
+    text = version.description
+    assert text.startswith(f"sweep reg, trial {best['trial_id']}, step {best['step']}: "
+                           f"val/ari={best['metrics']['val/ari']:.4f}")
+    assert all(f"{k}={v}" in text for k, v in best["sampled"].items()), text
     mlflow.set_tracking_uri(server.uri)
     loaded = mlflow.pyfunc.load_model("models:/slots@champion")
     clip = torch.randn(2, 2, 3, 56, 56)
@@ -72,12 +93,50 @@ def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys):
     np.testing.assert_allclose(got["slots"], want["slots"], atol=1e-6)
     np.testing.assert_allclose(got["masks"].reshape(want["masks"].shape), want["masks"],
                                atol=1e-6)
-    # promoting again (here: by another metric) moves the alias; the old version stays
-    assert main(["promote", str(sweep_dir), "--name", "slots", "--metric", "val/mbo",
-                 "--tracking-uri", server.uri]) == 0
-    moved = client.get_model_version_by_alias("slots", "champion")
-    assert moved.version == "2" and moved.tags["metric"] == "val/mbo"
-    assert client.get_model_version("slots", "1").version == "1"
+
+
+def test_promoting_the_same_step_again_reuses_its_version(swept, capsys):
+    server, sweep_dir, record = swept
+    client = MlflowClient(server.uri)
+    argv = ["promote", str(sweep_dir), "--name", "again", "--tracking-uri", server.uri]
+    assert main(argv) == 0
+    assert main([*argv, "--alias", "staging"]) == 0
+    assert "registered again version 1 as @staging" in capsys.readouterr().out
+    assert [v.version for v in client.search_model_versions("name = 'again'")] == ["1"]
+    assert client.get_model_version_by_alias("again", "champion").version == "1"
+    assert client.get_model_version_by_alias("again", "staging").version == "1"
+    # another metric: the same trial and step reuse version 1, another step is version 2
+    by_ari = (record["best"]["trial_id"], record["best"]["step"])
+    trials = {t["trial_id"]: t for t in record["trials"]}
+    before = {t: _as_ended(client, trials[t]["mlflow_run_id"]) for t in trials}
+    assert main([*argv, "--metric", "val/mbo"]) == 0
+    assert {t: _as_ended(client, trials[t]["mlflow_run_id"]) for t in trials} == before
+    moved = client.get_model_version_by_alias("again", "champion")
+    assert moved.tags["metric"] == "val/mbo"
+    step, run_id = int(moved.tags["step"]), moved.tags["source_run"]
+    by_mbo = (moved.tags["trial"], step)
+    assert moved.version == ("1" if by_mbo == by_ari else "2")
+    assert len(client.search_model_versions("name = 'again'")) == len({by_ari, by_mbo})
+    # chosen by another metric: the step's own checkpoint, uploaded to the trial's run
+    assert moved.tags["checkpoint"] == f"runs:/{run_id}/checkpoints/step={step}.ckpt"
+    assert mlflow.artifacts.download_artifacts(moved.tags["checkpoint"], tracking_uri=server.uri)
+    for key in ("val/ari", "val/mbo"):  # the metric values of the promoted step
+        at_step = [m.value for m in client.get_metric_history(run_id, key) if m.step == step]
+        assert float(moved.tags[key]) == pytest.approx(at_step[-1]), key
+    assert f"step {step}: val/mbo={float(moved.tags['val/mbo']):.4f}" in moved.description
+
+
+def test_describe_a_version_in_one_line():
+    from orchestrator.registry import describe
+
+    chosen = {"trial_id": "t1", "step": 8, "metric": "val/mbo", "score": 0.41234,
+              "metrics": {"val/ari": 0.5, "val/mbo": 0.4, "val/loss": None},
+              "sampled": {"globals.NUM_SLOTS": 4, "model.loss_weights.loss_ss": 0.25}}
+    assert describe({"sweep": "s"}, chosen) == (
+        "sweep s, trial t1, step 8: val/mbo=0.4123 (val/ari=0.5000); "
+        "sampled: globals.NUM_SLOTS=4, model.loss_weights.loss_ss=0.25")
+    assert describe({"sweep": "s"}, {**chosen, "metrics": {}, "sampled": {}}) == (
+        "sweep s, trial t1, step 8: val/mbo=0.4123")
 
 
 def _error(argv, capsys) -> str:
@@ -119,12 +178,53 @@ def test_rerun_reproduces_the_trial_without_ray(swept, tmp_path):
         filter_string=f"tags.rerun_of = '{trial['mlflow_run_id']}'")
     assert len(reruns) == 1
     new = reruns[0].info.run_id
+    # under its trial in the MLflow UI, named after it; its folder too
+    name = client.get_run(trial["mlflow_run_id"]).info.run_name
+    assert reruns[0].data.tags[TAG_PARENT] == trial["mlflow_run_id"]
+    assert reruns[0].info.run_name == f"rerun-of-{name}-1"
+    assert (tmp_path / f"{name}-1" / "checkpoints" / "best.ckpt").is_file()
+    assert f"folder {tmp_path / f'{name}-1'}" in proc.stdout
     for key in ("train/loss", "val/ari", "val/mbo"):
         a = {m.step: m.value for m in client.get_metric_history(trial["mlflow_run_id"], key)}
         b = {m.step: m.value for m in client.get_metric_history(new, key)}
         assert set(a) == set(b) and a, key
         for step in a:
             assert b[step] == pytest.approx(a[step], abs=1e-6), (key, step)
+
+
+def test_a_rerun_is_numbered_among_the_reruns_of_its_trial(swept, tmp_path):
+    from orchestrator.rerun import rerun_name
+
+    server, _, record = swept
+    client = MlflowClient(server.uri)
+    experiment = record["mlflow"]["experiment_id"]
+    trial = client.create_run(experiment, run_name="numbered/007")
+    assert rerun_name(client, trial, tmp_path) == ("rerun-of-numbered/007-1",
+                                                    tmp_path / "numbered_007-1")
+    client.create_run(experiment, run_name="rerun-of-numbered/007-1",
+                      tags={TAG_RERUN_OF: trial.info.run_id, TAG_PARENT: trial.info.run_id})
+    assert rerun_name(client, trial, tmp_path) == ("rerun-of-numbered/007-2",
+                                                    tmp_path / "numbered_007-2")
+    (tmp_path / "numbered_007-2").mkdir()  # a folder left from elsewhere is not overwritten
+    assert rerun_name(client, trial, tmp_path) == ("rerun-of-numbered/007-3",
+                                                    tmp_path / "numbered_007-3")
+
+
+def test_a_rerun_of_a_rerun_reads_the_sweep_run_of_its_trial(swept):
+    from orchestrator.rerun import _sweep_params
+
+    server, _, record = swept
+    client = MlflowClient(server.uri)
+    parent = record["mlflow"]["parent_run_id"]
+    sweep = client.get_run(parent).data.params
+    assert _sweep_params(client, client.get_run(record["best"]["mlflow_run_id"])) == sweep
+    assert sweep["select.metric"] == "val/ari"
+    trial = client.create_run(record["mlflow"]["experiment_id"], tags={TAG_PARENT: parent})
+    first = client.create_run(trial.info.experiment_id, tags={
+        TAG_RERUN_OF: trial.info.run_id, TAG_PARENT: trial.info.run_id})
+    second = client.create_run(trial.info.experiment_id, tags={
+        TAG_RERUN_OF: first.info.run_id, TAG_PARENT: first.info.run_id})
+    assert _sweep_params(client, client.get_run(second.info.run_id)) == sweep
 
 
 def test_rerun_unknown_run(swept, capsys):
