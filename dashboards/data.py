@@ -23,6 +23,8 @@ from core.names import (
     TAG_KIND,
     TAG_RERUN_OF,
     TAG_SWEEP,
+    VERSION_SWEEP,
+    VERSION_TRIAL,
 )
 from core.training.selection import selection_key
 from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED
@@ -184,11 +186,11 @@ def _lineage(data: SweepData, client: Any) -> None:
     reruns of each trial run with their best-metric differences."""
     by_id = {t.trial_id: t for t in data.trials}
     try:
-        versions = client.search_model_versions(f"tags.sweep = '{data.name}'")
+        versions = client.search_model_versions(f"tags.`{VERSION_SWEEP}` = '{data.name}'")
     except Exception:  # a store without a registry: no lineage to show
         versions = []
     for version in versions:
-        trial = by_id.get(version.tags.get("trial", ""))
+        trial = by_id.get(version.tags.get(VERSION_TRIAL, ""))
         if trial is None:
             continue
         model = client.get_registered_model(version.name)

@@ -147,5 +147,9 @@ def test_report_written_by_a_real_sweep(tmp_path, server, monkeypatch, capsys):
     parent = client.search_runs([client.get_experiment_by_name("rep").experiment_id],
                                 filter_string="tags.`slotsweep.kind` = 'sweep'")[0]
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    again = build_report(storage / "rep", tracking_uri=server.uri, top_k=1, log=False)
-    assert again.read_text().count('class="mask"') == 1  # kept panels, drawn once
+    from orchestrator.registry import promote
+
+    promote(storage / "rep", name="rep-model", tracking_uri=server.uri)
+    again = build_report(storage / "rep", tracking_uri=server.uri, top_k=1, log=False).read_text()
+    assert again.count('class="mask"') == 1  # kept panels, drawn once
+    assert "rep-model v1 @champion" in again  # lineage: the registered version and its alias
