@@ -15,13 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from dashboards.report import build_report
+from orchestrator.mlflow_server import LocalServer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the generator the report tests use
+sys.path.append(str(ROOT / "tests"))  # the generator the report tests use; after the packages
+# above are imported, so tests/orchestrator cannot shadow them
 
 from fake_sweep import make_fake_sweep  # noqa: E402
-
-from dashboards.report import build_report  # noqa: E402
-from orchestrator.mlflow_server import LocalServer  # noqa: E402
 
 
 def main() -> None:

@@ -27,3 +27,10 @@ def test_throughput_cpu_mode_prints_all_four_modes():
         assert float(row[5]) > 0 and float(row[6]) > 0 and int(row[7]) > 0, row[0]
         assert row[4] == ("yes" if mode in "cd" else "no"), row[0]  # compiled on the CPU too
     assert "(c) / (a):" in done.stdout
+
+
+def test_report_bench_prints_its_timings():
+    done = subprocess.run([sys.executable, "bench/report.py", "--trials", "5", "--runs", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"report of 5 trials: [\d.]+ s \([\d.]+ MB page\)", done.stdout), done.stdout
