@@ -28,6 +28,7 @@ CHECKPOINTS_DIRNAME = "checkpoints"  # step=N.ckpt, best.ckpt
 BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best step by the selection metric
 BEST_CHECKPOINT_FILE = f"{BEST_CHECKPOINT}.ckpt"
 BEST_JSON = "best.json"  # the best step's metrics (a run's, or a sweep's best trial)
+REPORT_HTML = "report.html"  # a sweep's report, in its folder and as its run's artifact
 LAST_CHECKPOINT = "last.ckpt"  # a trial's newest checkpoint, handed to Ray Tune
 METRICS_KEY = "slotsweep_metrics"  # in a checkpoint: {"step": N, "metrics": {...}} logged at N
 
@@ -56,6 +57,33 @@ TAG_SEED = "slotsweep.seed"  # a trial's seed
 TAG_THREADS = "slotsweep.torch_threads"  # a rerun uses as many: CPU sums depend on it
 TAG_FEATURE_CACHE = "slotsweep.feature_cache"  # the cache folder a trial read, or "none"
 TAG_PARTIAL = "slotsweep.partial"  # a sweep run: "false", or "<ended>/<planned> trials ended"
+
+TAG_BEST_STEP = "slotsweep.best_step"  # a trial run: the step its best/<metric> values come from
+TAG_SWEEP_BEST = "slotsweep.sweep_best"  # a trial run: "true" on the sweep's best trial
+TAG_NOTE = "mlflow.note.content"  # MLflow's own: a run's description (markdown) in the UI
+TAG_SEARCHED = "slotsweep.searched"  # a trial run: "NUM_SLOTS=globals.NUM_SLOTS, tau_ss=..."
+SEARCH_PARAM_PREFIX = "search/"  # a trial run's sampled values: search/NUM_SLOTS, search/tau_ss
+
+
+def short_name(key: str) -> str:
+    """A searched config key as a researcher reads it (and MLflow's UI shows it, cut at 20
+    characters): ``model.losses.loss_ss.temperature`` -> ``tau_ss``,
+    ``model.loss_weights.loss_featrec`` -> ``w_featrec``, ``globals.NUM_SLOTS`` ->
+    ``NUM_SLOTS``, ``model.grouper.n_iters`` -> ``n_iters``; anything else: its last part."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] == "loss_weights":
+        return "w_" + parts[-1].removeprefix("loss_")
+    if len(parts) >= 2 and parts[-1] == "temperature" and parts[-2].startswith("loss_"):
+        return "tau_" + parts[-2].removeprefix("loss_")
+    return parts[-1]
+
+
+def short_names(keys: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """:func:`short_name` of each key; keys whose short names collide keep their full key."""
+    short = {k: short_name(k) for k in keys}
+    taken = list(short.values())
+    return {k: s if taken.count(s) == 1 else k for k, s in short.items()}
+
 
 # ---------------------------------------------------------------- Model Registry version tags
 # (besides these: the version's metric values by metric name, its sampled values by search key)

@@ -10,23 +10,6 @@ import numpy as np
 
 from dashboards.data import SweepData
 
-# Parameter names a researcher reads at a glance; other keys keep their last part.
-_SHORT = {"globals.NUM_SLOTS": "NUM_SLOTS"}
-
-
-def short_name(key: str) -> str:
-    """``model.losses.loss_ss.temperature`` -> ``tau_ss``, ``model.loss_weights.loss_featrec``
-    -> ``w_featrec``, ``model.grouper.n_iters`` -> ``n_iters``, ``globals.NUM_SLOTS`` ->
-    ``NUM_SLOTS``; anything else: its last part."""
-    if key in _SHORT:
-        return _SHORT[key]
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[-2] == "loss_weights":
-        return "w_" + parts[-1].removeprefix("loss_")
-    if len(parts) >= 2 and parts[-1] == "temperature" and parts[-2].startswith("loss_"):
-        return "tau_" + parts[-2].removeprefix("loss_")
-    return parts[-1]
-
 
 def _distribution(dist: Any) -> Any:
     from optuna.distributions import (

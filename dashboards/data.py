@@ -25,6 +25,7 @@ from core.names import (
     TAG_SWEEP,
     VERSION_SWEEP,
     VERSION_TRIAL,
+    short_names,
 )
 from core.training.selection import selection_key
 from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED
@@ -72,6 +73,11 @@ class SweepData:
     ui_uri: str | None  # where a browser reaches MLflow (links), or None
     experiment_id: str | None
     parent_run_id: str | None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Each searched key's short name (``tau_ss``), as the trials' MLflow params name it."""
+        return short_names(list(self.search))
 
     def trial(self, trial_id: str) -> Trial:
         return next(t for t in self.trials if t.trial_id == trial_id)

@@ -11,7 +11,6 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.names import METRIC_ARI, METRIC_MBO
-from dashboards.analysis import short_name
 from dashboards.data import CURVES, SweepData, Trial
 from orchestrator.progress import STOPPED
 
@@ -38,7 +37,7 @@ def effects(data: SweepData) -> go.Figure | None:
     if not keys or not trials:
         return None
     fig = make_subplots(rows=2, cols=len(keys), shared_yaxes="rows",
-                        subplot_titles=[short_name(k) for k in keys],
+                        subplot_titles=[data.labels[k] for k in keys],
                         horizontal_spacing=min(0.08, 0.5 / len(keys)), vertical_spacing=0.12)
     shown: set[str] = set()
     for col, key in enumerate(keys, start=1):
@@ -55,7 +54,7 @@ def effects(data: SweepData) -> go.Figure | None:
                             "line": {"width": 1, "color": "white"}},
                     name=state.lower(), legendgroup=state, showlegend=state not in shown,
                     text=[t.trial_id for t in group],
-                    hovertemplate=f"%{{text}}<br>{short_name(key)}=%{{x}}<br>{metric}=%{{y:.4f}}"
+                    hovertemplate=f"%{{text}}<br>{data.labels[key]}=%{{x}}<br>{metric}=%{{y:.4f}}"
                                   "<extra></extra>",
                 ), row=row, col=col)
                 shown.add(state)
@@ -90,12 +89,12 @@ def parallel(data: SweepData) -> go.Figure | None:
         if dist.kind in CATEGORICAL:
             labels = [_axis_value(v) for v in dist.args]
             index = {label: i for i, label in enumerate(labels)}
-            dims.append({"label": short_name(key), "tickvals": list(range(len(labels))),
+            dims.append({"label": data.labels[key], "tickvals": list(range(len(labels))),
                          "range": [0, max(1, len(labels) - 1)],
                          "ticktext": [str(v) for v in labels],
                          "values": [index.get(_axis_value(v), -1) for v in values]})
         else:
-            dims.append({"label": short_name(key), "values": [float(v) for v in values]})
+            dims.append({"label": data.labels[key], "values": [float(v) for v in values]})
     for metric in CURVES:
         dims.append({"label": metric, "values": [t.metrics.get(metric, math.nan) for t in trials]})
     colour = [t.metrics[data.metric] for t in trials]
@@ -182,12 +181,13 @@ def curves(data: SweepData) -> go.Figure | None:
     return fig
 
 
-def importance(values: dict[str, float], metric: str) -> go.Figure | None:
+def importance(values: dict[str, float], metric: str,
+               labels: dict[str, str]) -> go.Figure | None:
     """A bar per searched parameter: its importance for ``metric`` (fANOVA, sums to 1)."""
     if not values:
         return None
     keys = sorted(values, key=values.get)
-    fig = go.Figure(go.Bar(x=[values[k] for k in keys], y=[short_name(k) for k in keys],
+    fig = go.Figure(go.Bar(x=[values[k] for k in keys], y=[labels[k] for k in keys],
                            orientation="h", marker={"color": "#1f77b4"},
                            hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
     fig.update_layout(height=120 + 40 * len(keys), xaxis_title=f"importance for {metric}",

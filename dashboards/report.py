@@ -14,13 +14,12 @@ from typing import Any
 import jinja2
 
 from core.errors import SlotsweepError, one_line
-from core.names import METRIC_ARI, METRIC_MBO
+from core.names import METRIC_ARI, METRIC_MBO, REPORT_HTML
 from dashboards import analysis, figures
 from dashboards.data import SweepData, collect
 from dashboards.masks import trial_masks
 from orchestrator.progress import fmt
 
-REPORT_HTML = "report.html"
 STATE_WORDS = {"DONE": "done", "STOPPED": "stopped by ASHA", "DIVERGED": "diverged",
                "FAILED": "failed", "RUNNING": "running", "INTERRUPTED": "interrupted"}
 _TEMPLATES = jinja2.Environment(
@@ -59,7 +58,7 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
     """The page of ``data``; ``masks``: run the top ``top_k`` trials' models (and every trial's
     for the diagnostics) on the same validation clip."""
     ranked = _ranked(data)
-    params = [{"key": k, "short": analysis.short_name(k)} for k in data.search]
+    params = [{"key": k, "short": data.labels[k]} for k in data.search]
     others = [m for m in (METRIC_ARI, METRIC_MBO) if m != data.metric]
     shown, diagnostics, errors = [], [], []
     diag_by_trial: dict[str, dict[str, Any]] = {}
@@ -80,7 +79,7 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
                 shown.append({"trial_id": t.trial_id, "png": got["png"],
                               "caption": f"#{rank + 1} trial {t.trial_id} at step {t.step}: "
                                          f"{data.metric}={fmt(score)}; " + ", ".join(
-                                  f"{analysis.short_name(k)}={fmt(t.sampled.get(k))}"
+                                  f"{data.labels[k]}={fmt(t.sampled.get(k))}"
                                   for k in data.search)})
     rows = []
     for rank, t in enumerate(ranked, start=1):
@@ -107,8 +106,9 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
         d=data, plotly_js=_plotly_js(), status=_status(data), rows=rows, params=params,
         others=others, built=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         warnings=analysis.coverage(data),
-        effect_figures=[h for h in (_html(figures.effects(data)), _html(figures.parallel(data)),
-                                    _html(figures.importance(importance, data.metric))) if h],
+        effect_figures=[h for h in (
+            _html(figures.effects(data)), _html(figures.parallel(data)),
+            _html(figures.importance(importance, data.metric, data.labels))) if h],
         importance_note=None if importance else (
             "Parameter importance needs at least 3 trials with a value and a parameter that "
             "varied."),

@@ -7,14 +7,25 @@ phrase per run, for the sweep's one closing line (its results stay on disk eithe
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, RunTag
+
 from core.errors import one_line
-from core.names import BEST_JSON, TAG_PARTIAL
+from core.names import (
+    BEST_JSON,
+    REPORT_HTML,
+    TAG_BEST_STEP,
+    TAG_NOTE,
+    TAG_PARTIAL,
+    TAG_SWEEP_BEST,
+    short_names,
+)
 from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run, upload_once
 from orchestrator.mlflow_sender import ArtifactUploader, send_saved, short_http_retries
-from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED
+from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED, fmt
 
 
 def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:
@@ -50,6 +61,9 @@ def record_end(client: Any, uri: str, parent: str, sweep_dir: Path,
         try:
             client.log_artifact(parent, str(sweep_dir / BEST_JSON))
             _close_trial_runs(client, trials)
+            _mark_bests(client, trials, best)
+            client.set_tag(parent, TAG_NOTE, sweep_description(
+                client.get_run(parent).info.experiment_id, trials, best, status))
             if best is not None:
                 for name, value in best["metrics"].items():
                     if value is not None:
@@ -62,3 +76,50 @@ def record_end(client: Any, uri: str, parent: str, sweep_dir: Path,
         except Exception as exc:
             missing.append(f"the end of the sweep run {parent} ({one_line(exc)})")
     return missing
+
+
+def _mark_bests(client: Any, trials: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    """Each trial run gets its best values (``best/val/ari`` ... at its best step, not only the
+    last ones) and whether it is the sweep's best trial: one call per run."""
+    for t in trials:
+        if not t["mlflow_run_id"]:
+            continue
+        step = int(t["step"]) if t.get("step") is not None else 0
+        metrics = [Metric(f"best/{k}", float(v), int(time.time() * 1000), step)
+                   for k, v in (t.get("metrics") or {}).items() if v is not None]
+        tags = [RunTag(TAG_SWEEP_BEST, str(best is not None
+                                           and t["trial_id"] == best["trial_id"]).lower())]
+        if t.get("step") is not None:
+            tags.append(RunTag(TAG_BEST_STEP, str(step)))
+        client.log_batch(t["mlflow_run_id"], metrics=metrics, tags=tags)
+
+
+def sweep_description(experiment_id: str, trials: list[dict[str, Any]],
+                      best: dict[str, Any] | None, status: str, top: int = 20) -> str:
+    """The sweep run's description in MLflow's UI (markdown): the best trial with a link to its
+    run, the leaderboard's first ``top`` rows, where the report is."""
+    keys = list(dict.fromkeys(k for t in trials for k in (t.get("sampled") or {})))
+    labels = short_names(keys)
+    metrics = list(dict.fromkeys(m for t in trials for m in (t.get("metrics") or {})))
+    scored = [t for t in trials if t.get("metrics")]
+    order = [t for t in ([best] if best else []) if t in scored]
+    order += [t for t in scored if t not in order]
+    lines = [f"**Sweep {status.lower()}**: {len(trials)} trials."]
+    if best is not None:
+        link = (f"[{best['trial_id']}](#/experiments/{experiment_id}/runs/"
+                f"{best['mlflow_run_id']})" if best.get("mlflow_run_id") else best["trial_id"])
+        values = ", ".join(f"{k}={fmt(v)}" for k, v in best["metrics"].items())
+        lines.append(f"Best trial: {link} at step {best['step']}: {values}.")
+    lines += ["", "| trial | " + " | ".join([*(labels[k] for k in keys), *metrics, "step",
+                                             "state"]) + " |",
+              "|" + "---|" * (len(keys) + len(metrics) + 3)]
+    for t in order[:top]:
+        cells = [fmt((t.get("sampled") or {}).get(k)) for k in keys]
+        cells += [fmt(t["metrics"].get(m)) for m in metrics]
+        lines.append(f"| {t['trial_id']} | " + " | ".join(
+            [*cells, fmt(t.get("step")), t["state"].lower()]) + " |")
+    if len(order) > top:
+        lines.append(f"\n{len(order) - top} more trials in `{BEST_JSON}` (Artifacts).")
+    lines.append("\nThe whole report (effects, Pareto front, curves, masks): artifact "
+                 f"`{REPORT_HTML}` of this run, or `slotsweep report SWEEP`.")
+    return "\n".join(lines)

@@ -25,8 +25,11 @@ from core.names import (
     CHECKPOINTS_DIRNAME,
     FAULT_ENV,
     LAST_CHECKPOINT,
+    SEARCH_PARAM_PREFIX,
+    TAG_SEARCHED,
     TAG_SEED,
     TAG_THREADS,
+    short_names,
     step_of,
 )
 
@@ -107,14 +110,19 @@ def train_once(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, index:
         TuneReporter(run_dir, report, checkpoint_cls), *ddp_callbacks,
     ]
     run_id = None
+    labels = short_names(list(sampled))
     if rank_zero:
         client = client_for(ctx.tracking_uri)
         run_id = _with_retries(lambda: get_or_create_trial_run(
             client, ctx.experiment_id, ctx.parent_run_id, trial_id,
             run_name=f"{ctx.spec.name}-{index:03d}",
-            tags={TAG_SEED: str(cfg.seed), TAG_THREADS: str(torch.get_num_threads())},
+            tags={TAG_SEED: str(cfg.seed), TAG_THREADS: str(torch.get_num_threads()),
+                  TAG_SEARCHED: ", ".join(f"{s}={k}" for k, s in labels.items())},
         ))
-        params = {**flatten(cfg), **{f"sampled.{k}": v for k, v in sampled.items()}}
+        # each value once: a searched one under its short name (search/tau_ss reads well in
+        # MLflow's columns, cut at 20 characters), the rest under their config keys
+        params = {**{k: v for k, v in flatten(cfg).items() if k not in sampled},
+                  **{f"{SEARCH_PARAM_PREFIX}{labels[k]}": v for k, v in sampled.items()}}
         callbacks.append(TrialLogger(ctx.tracking_uri, run_id, params=params))
     for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         callbacks.append(FaultInjector(fault, index, run_dir / ".fault-raised"))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from fake_sweep import make_fake_sweep
 
-from dashboards.analysis import coverage, param_importance, short_name, slot_diagnostics
+from core.names import short_name, short_names
+from dashboards.analysis import coverage, param_importance, slot_diagnostics
 from dashboards.data import collect
 from dashboards.figures import pareto_front
 from dashboards.report import build_report
@@ -23,6 +24,8 @@ def test_short_names_read_at_a_glance():
     assert short_name("model.loss_weights.loss_featrec") == "w_featrec"
     assert short_name("model.grouper.n_iters") == "n_iters"
     assert short_name("optimizer.lr") == "lr"
+    assert short_names(["a.lr", "b.lr", "globals.NUM_SLOTS"]) == {
+        "a.lr": "a.lr", "b.lr": "b.lr", "globals.NUM_SLOTS": "NUM_SLOTS"}  # collisions: full
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -53,14 +53,32 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     assert len(parents) == 1 and len(children) == 4
     assert {c.data.tags[TAG_PARENT] for c in children} == {parents[0].info.run_id}
     assert record["mlflow"]["parent_run_id"] == parents[0].info.run_id
+    note = parents[0].data.tags["mlflow.note.content"]  # the sweep run's description
+    best = record["best"]
+    assert f"Best trial: [{best['trial_id']}](#/experiments/" in note
+    assert f"runs/{best['mlflow_run_id']})" in note
+    assert "| trial | NUM_SLOTS | tau_ss | w_ss |" in note
+    assert sum(line.startswith("| ") for line in note.splitlines()) == 1 + 4  # header + 4 trials
     by_trial = {c.data.tags[TAG_TRIAL]: c for c in children}
     assert set(by_trial) == {t["trial_id"] for t in record["trials"]}
     for trial in record["trials"]:
         run = by_trial[trial["trial_id"]]
         assert run.info.run_id == trial["mlflow_run_id"] and run.info.status == "FINISHED"
         assert run.data.tags[TAG_FEATURE_CACHE] == cache_dir
-        assert run.data.params["globals.NUM_SLOTS"] == str(trial["sampled"]["globals.NUM_SLOTS"])
-        assert "sampled.model.loss_weights.loss_ss" in run.data.params
+        # each sampled value once, under its short name; the tag maps short names to keys
+        assert run.data.params["search/NUM_SLOTS"] == str(trial["sampled"]["globals.NUM_SLOTS"])
+        assert "search/w_ss" in run.data.params and "search/tau_ss" in run.data.params
+        assert not {"globals.NUM_SLOTS", "model.loss_weights.loss_ss"} & set(run.data.params)
+        assert not any(k.startswith("sampled.") for k in run.data.params)
+        assert "w_ss=model.loss_weights.loss_ss" in run.data.tags["slotsweep.searched"]
+        # its best values (not only the last), their step, and whether it is the sweep's best
+        for key in ("val/ari", "val/mbo"):
+            best_history = client.get_metric_history(run.info.run_id, f"best/{key}")
+            assert [(m.step, m.value) for m in best_history] == [
+                (trial["step"], pytest.approx(trial["metrics"][key]))]
+        assert run.data.tags["slotsweep.best_step"] == str(trial["step"])
+        is_best = trial["trial_id"] == record["best"]["trial_id"]
+        assert run.data.tags["slotsweep.sweep_best"] == str(is_best).lower()
         assert _steps(client, run.info.run_id, "val/ari") == [4, 8]
         assert _steps(client, run.info.run_id, "val/mbo") == [4, 8]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
