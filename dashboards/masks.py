@@ -17,8 +17,8 @@ from dashboards.analysis import slot_diagnostics
 from dashboards.data import Trial
 
 PANEL_PNG, PANEL_JSON = "report_masks.png", "report_masks.json"
-CELL_INCHES = 1.5  # one frame's width in the image: large enough to judge a mask
-LAYOUT_VERSION = 2  # kept panels of an older layout are drawn again
+FRAME_PX = 144  # one frame's width in the image, at least: large enough to judge a mask
+LAYOUT_VERSION = 3  # kept panels of an older layout are drawn again
 
 
 def _stamp(path: Path) -> str:
@@ -52,35 +52,14 @@ def trial_masks(trial: Trial, data_dir: str | None, clips: int = 1) -> dict[str,
 
 
 def _panel(pred: dict[str, Any], title: str) -> bytes:
-    """One clip as a labelled grid: rows input, slot 1..K, overlay, ground truth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from core.training.callbacks import slot_grid
+    """The first clip as core's labelled grid: rows input, slot 1..K, overlay, ground truth."""
+    from core.training.callbacks import grid_labels, labelled_image, slot_grid
 
     video, masks = pred["video"][0], pred["masks"][0]
     true = pred["true"][0] if pred["true"] is not None else None
     grid = slot_grid(video, masks, pred["mean"], pred["std"], true=true)
-    image = grid.permute(1, 2, 0).numpy()
-    frames, k = video.shape[0], masks.shape[1]
-    labels = ["input", *(f"slot {i + 1}" for i in range(k)), "overlay"]
-    labels += ["ground truth"] if true is not None else []
-    rows = len(labels)
-    fig, ax = plt.subplots(figsize=(0.9 + CELL_INCHES * frames, 0.5 + CELL_INCHES * rows),
-                           dpi=100)
-    ax.imshow(image, interpolation="nearest")
-    row_h = image.shape[0] / rows
-    ax.set_yticks([row_h * (r + 0.5) for r in range(rows)], labels)
-    ax.set_xticks([image.shape[1] / frames * (t + 0.5) for t in range(frames)],
-                  [f"t={t}" for t in range(frames)])
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    ax.set_title(title, fontsize=11)
+    image = labelled_image(grid, grid_labels(masks.shape[1], true is not None, False),
+                           title=title, min_frame=FRAME_PX)
     out = io.BytesIO()
-    fig.savefig(out, format="png", bbox_inches="tight")  # the row labels stay inside
-    plt.close(fig)
+    image.save(out, format="PNG")
     return out.getvalue()
-

@@ -43,6 +43,7 @@ from orchestrator.mlflow_runs import (
 )
 
 ARTIFACT_UPLOAD = "artifact upload"  # the name of a run folder's upload job
+IMAGE_KEY = "slots"  # a trial's slot pictures in MLflow's image series (log_image key)
 
 
 class ArtifactUploader:
@@ -75,6 +76,8 @@ class ArtifactUploader:
             if self._uploaded.get(key) == (stat.st_mtime_ns, stat.st_size):
                 continue
             client.log_artifact(self.run_id, str(path), folder)
+            if folder == ARTIFACT_VISUALS and path.stem.startswith("step="):  # an image series too
+                _log_image(client, self.run_id, path)
             self._uploaded[key] = (stat.st_mtime_ns, stat.st_size)
 
 
@@ -310,6 +313,17 @@ def journal_pending(path: Path) -> list[Metric]:
         elif "sent" in entry:
             queued.pop(entry["sent"], None)
     return [Metric(**m) for batch in queued.values() for m in batch]
+
+
+def _log_image(client: MlflowClient, run_id: str, path: Path) -> None:
+    """``visualizations/step=N.png`` as step N of the run's ``IMAGE_KEY`` images (the UI's Image
+    grid compares them across runs)."""
+    from PIL import Image
+
+    from core.names import step_of
+
+    with Image.open(path) as image:
+        client.log_image(run_id, image.convert("RGB"), key=IMAGE_KEY, step=step_of(path))
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,44 @@ def slot_grid(
     return grid
 
 
+def grid_labels(slots: int, truth: bool, features: bool) -> list[str]:
+    """The row names of :func:`slot_grid`'s image, top to bottom."""
+    labels = ["input", *(f"slot {i + 1}" for i in range(slots)), "overlay"]
+    labels += ["ground truth"] if truth else []
+    labels += ["features (PCA)", "reconstruction"] if features else []
+    return labels
+
+
+def labelled_image(grid: torch.Tensor, labels: list[str], title: str | None = None,
+                   min_frame: int = 128, pad: int = 2) -> Image.Image:
+    """:func:`slot_grid`'s image scaled up (nearest, whole factors) until a frame is at least
+    ``min_frame`` pixels wide, with its row names on the left, frame numbers on top and an
+    optional title: readable in MLflow's image grid and in reports."""
+    from PIL import ImageDraw, ImageFont
+
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    height, width = array.shape[:2]
+    cell = (height - pad) // len(labels)  # a row: the frame and its padding
+    scale = max(1, math.ceil(min_frame / max(1, cell - pad)))
+    image = Image.fromarray(array).resize((width * scale, height * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=max(12, min(18, cell * scale // 6)))
+    left = 12 + max(int(font.getlength(label)) for label in labels)
+    top = 30 + (30 if title else 0)
+    out = Image.new("RGB", (image.width + left + 8, image.height + top + 8), "white")
+    out.paste(image, (left, top))
+    draw = ImageDraw.Draw(out)
+    for r, label in enumerate(labels):
+        y = top + (pad + r * cell + (cell - pad) / 2) * scale
+        draw.text((left - 8, y), label, fill="black", font=font, anchor="rm")
+    frames = (width - pad) // cell if cell else 0
+    for t in range(frames):
+        x = left + (pad + t * cell + (cell - pad) / 2) * scale
+        draw.text((x, top - 6), f"t={t}", fill="black", font=font, anchor="ms")
+    if title:
+        draw.text((left, 8), title, fill="black", font=font, anchor="la")
+    return out
+
+
 class SlotVisualizer(pl.Callback):
     """Every ``every`` steps, after validation: frames, per-slot masks and overlays to TensorBoard
     (``val/slots``) and to ``<run_dir>/visualizations/step=N.png``."""
@@ -118,8 +157,10 @@ class SlotVisualizer(pl.Callback):
             if hasattr(experiment, "add_image"):
                 experiment.add_image("val/slots", grid, global_step=step)
         self.dir.mkdir(parents=True, exist_ok=True)
-        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(self.dir / f"step={step}.png")
+        labels = grid_labels(visual["masks"].shape[1], visual.get("true") is not None,
+                             visual.get("features") is not None
+                             and visual.get("reconstruction") is not None)
+        labelled_image(grid, labels, title=f"step {step}").save(self.dir / f"step={step}.png")
 
 
 class RunStateCallback(pl.Callback):

@@ -186,6 +186,13 @@ def test_trial_logger_logs_a_real_training_run(client, experiment, server, tmp_p
               for a in client.list_artifacts(run, folder)}
     assert listed == {"config/config.yaml", "visualizations/step=2.png",
                       "checkpoints/best.ckpt"}
+    # the slot pictures also as an image series (MLflow's Image grid), labelled and large
+    images = [a.path for a in client.list_artifacts(run, "images")]
+    assert any(p.startswith("images/slots+step+2+") and p.endswith(".png") for p in images), images
+    picture = client.download_artifacts(run, "visualizations/step=2.png", str(tmp_path / "dl"))
+    from PIL import Image
+
+    assert Image.open(picture).width >= 2 * 128  # two frames of at least 128 px, plus labels
     # a restored trial (fresh callback, same run) does not send the visualisations again
     again = ArtifactUploader(run)
     sent = []
