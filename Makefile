@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow test-browser lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: lint
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow"
+
+# The report in a real browser: Debian's chromium (apt-get install -y chromium) via Playwright.
+test-browser: $(STAMP)
+	$(BIN)/python -m pytest -m "browser"
 
 bench: $(STAMP)
 	$(BIN)/python bench/metrics_bench.py
