@@ -8,6 +8,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from core.names import short_names
 from orchestrator.trial import STATUS_KEY
 
 PENDING, RUNNING, DONE, FAILED, DIVERGED, STOPPED = (
@@ -23,11 +24,6 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
-
-
-def short_key(key: str) -> str:
-    """``model.losses.loss_ss.temperature`` -> ``loss_ss.temperature`` (last two parts)."""
-    return ".".join(key.split(".")[-2:])
 
 
 def fmt(value: Any) -> str:
@@ -68,7 +64,8 @@ class ProgressTable(Callback):
         if not force and now - self._printed < self.interval:
             return
         self._printed = now
-        headers = ["trial", "state", "step", *map(short_key, self.keys), *self.metrics]
+        labels = short_names(self.keys)  # as MLflow's params and the report name them
+        headers = ["trial", "state", "step", *(labels[k] for k in self.keys), *self.metrics]
         rows = [
             [tid, r["state"], fmt(r.get("step")), *(fmt(r["config"].get(k)) for k in self.keys),
              *(fmt(r.get(m)) for m in self.metrics)]

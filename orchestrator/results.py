@@ -8,10 +8,16 @@ import math
 from pathlib import Path
 from typing import Any, TextIO
 
-from core.names import BEST_CHECKPOINT_FILE, CHECKPOINTS_DIRNAME, METRIC_ARI, METRIC_MBO
+from core.names import (
+    BEST_CHECKPOINT_FILE,
+    CHECKPOINTS_DIRNAME,
+    METRIC_ARI,
+    METRIC_MBO,
+    short_names,
+)
 from core.training.selection import selection_key
 from orchestrator import spec as specs
-from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED, fmt, format_table, short_key
+from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED, fmt, format_table
 from orchestrator.spec_check import max_steps
 from orchestrator.trial import CACHE_KEY, ERROR_KEY, STATUS_KEY, TRIAL_JSON, run_dir_of
 
@@ -76,7 +82,8 @@ def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dic
     keys = list(spec.search)
     metrics = list(dict.fromkeys(m for m in (spec.select.metric, spec.select.tie_break,
                                              METRIC_ARI, METRIC_MBO) if m))
-    headers = ["trial", "state", "step", *map(short_key, keys), *metrics, "checkpoint",
+    labels = short_names(keys)
+    headers = ["trial", "state", "step", *(labels[k] for k in keys), *metrics, "checkpoint",
                "mlflow run"]
     rows = []
     for t in sorted(trials, key=lambda t: (t["index"] is None, t["index"], t["trial_id"])):

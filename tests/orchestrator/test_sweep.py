@@ -259,3 +259,15 @@ def test_the_searcher_seed_and_trial_seeds_are_recorded(tmp_path, server):
     key = lambda t: t["index"]  # noqa: E731
     assert [t["sampled"] for t in sorted(first, key=key)] == [
         t["sampled"] for t in sorted(again, key=key)]  # same seed, same trials
+
+
+def test_the_final_table_names_searched_keys_as_mlflow_and_the_report_do():
+    import io
+
+    from orchestrator.results import print_summary
+    from orchestrator.spec import load_sweep
+
+    out = io.StringIO()
+    print_summary(load_sweep(QUICKSTART), [], None, out)
+    header = next(line for line in out.getvalue().splitlines() if line.startswith("trial"))
+    assert header.split()[:6] == ["trial", "state", "step", "NUM_SLOTS", "tau_ss", "w_ss"]
