@@ -60,6 +60,9 @@ TAG_PARTIAL = "slotsweep.partial"  # a sweep run: "false", or "<ended>/<planned>
 
 TAG_BEST_STEP = "slotsweep.best_step"  # a trial run: the step its best/<metric> values come from
 TAG_SWEEP_BEST = "slotsweep.sweep_best"  # a trial run: "true" on the sweep's best trial
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's own: which view its UI opens
+EXPERIMENT_KIND = "custom_model_development"  # ... the model-training one (not GenAI traces)
+UI_VIEW = "workflowType=machine_learning"  # a UI link's query: the model-training view
 TAG_NOTE = "mlflow.note.content"  # MLflow's own: a run's description (markdown) in the UI
 TAG_SEARCHED = "slotsweep.searched"  # a trial run: "NUM_SLOTS=globals.NUM_SLOTS, tau_ss=..."
 SEARCH_PARAM_PREFIX = "search/"  # a trial run's sampled values: search/NUM_SLOTS, search/tau_ss

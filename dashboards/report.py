@@ -18,6 +18,7 @@ from core.names import METRIC_ARI, METRIC_MBO, REPORT_HTML
 from dashboards import analysis, figures
 from dashboards.data import SweepData, collect
 from dashboards.masks import trial_masks
+from orchestrator.mlflow_runs import run_link
 from orchestrator.progress import fmt
 
 STATE_WORDS = {"DONE": "done", "STOPPED": "stopped by ASHA", "DIVERGED": "diverged",
@@ -92,7 +93,7 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
             "score": fmt(t.metrics.get(data.metric)),
             "others": {m: fmt(t.metrics.get(m)) for m in others},
             "state": STATE_WORDS.get(t.state, t.state.lower()), "slots": slots,
-            "link": (f"{data.ui_uri}/#/experiments/{data.experiment_id}/runs/{t.run_id}"
+            "link": (run_link(data.ui_uri, data.experiment_id, t.run_id)
                      if data.ui_uri and data.experiment_id and t.run_id else None),
         })
     importance = analysis.param_importance(data)

@@ -18,7 +18,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 
 from core.errors import SlotsweepError
-from core.names import TAG_GIT, TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_SWEEP_KEY, TAG_TRIAL
+from core.names import (
+    EXPERIMENT_KIND,
+    TAG_EXPERIMENT_KIND,
+    TAG_GIT,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_SWEEP,
+    TAG_SWEEP_KEY,
+    TAG_TRIAL,
+    UI_VIEW,
+)
 from orchestrator import PROJECT_DIR
 
 ARTIFACT_CONFIG = "config"  # a run's artifact folders
@@ -50,8 +60,8 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        try:
-            return client.create_experiment(name)
+        try:  # tagged so MLflow 3's UI opens its model-training view, not GenAI traces
+            return client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -205,3 +215,11 @@ def upload_once(client: MlflowClient, run_id: str, path: str | Path, folder: str
     if artifact not in {a.path for a in client.list_artifacts(run_id, folder)}:
         client.log_artifact(run_id, str(path), folder)
     return f"runs:/{run_id}/{artifact}"
+
+
+def run_link(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A browser link to an experiment (or one of its runs) in MLflow's UI at ``base``, in its
+    model-training view (MLflow 3 opens GenAI traces by default); ``base`` "" gives the
+    in-UI link a run description uses."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/{page}?{UI_VIEW}" if base else f"{page}?{UI_VIEW}"

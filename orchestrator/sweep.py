@@ -30,6 +30,7 @@ from orchestrator.mlflow_runs import (
     get_or_create_sweep_run,
     log_params,
     quiet_mlflow,
+    run_link,
 )
 from orchestrator.mlflow_server import (
     LocalServer,
@@ -273,8 +274,11 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
             print(f"  checkpoint: {best['checkpoint']}", file=stream)
             print(f"  written: {sweep_dir / BEST_JSON}", file=stream)
         if server is not None:
-            print(f"MLflow UI: `slotsweep ui` then open http://127.0.0.1:5000 "
-                  f"(store: {mlflow_root()})", file=stream)
+            print(f"MLflow UI: `slotsweep ui` then open "
+                  f"{run_link('http://127.0.0.1:5000', experiment_id)} (store: {mlflow_root()})",
+                  file=stream)
+        else:
+            print(f"MLflow UI: {run_link(uri, experiment_id)}", file=stream)
         if on_progress is not None:
             _progress(on_progress, sweep_dir, uri, True)
         all_failed = bool(trials) and len(failed) == len(trials)

@@ -23,7 +23,7 @@ from core.names import (
     TAG_SWEEP_BEST,
     short_names,
 )
-from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run, upload_once
+from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run, run_link, upload_once
 from orchestrator.mlflow_sender import ArtifactUploader, send_saved, short_http_retries
 from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED, fmt
 
@@ -106,8 +106,8 @@ def sweep_description(experiment_id: str, trials: list[dict[str, Any]],
     order += [t for t in scored if t not in order]
     lines = [f"**Sweep {status.lower()}**: {len(trials)} trials."]
     if best is not None:
-        link = (f"[{best['trial_id']}](#/experiments/{experiment_id}/runs/"
-                f"{best['mlflow_run_id']})" if best.get("mlflow_run_id") else best["trial_id"])
+        link = (f"[{best['trial_id']}]({run_link('', experiment_id, best['mlflow_run_id'])})"
+                if best.get("mlflow_run_id") else best["trial_id"])
         values = ", ".join(f"{k}={fmt(v)}" for k, v in best["metrics"].items())
         lines.append(f"Best trial: {link} at step {best['step']}: {values}.")
     lines += ["", "| trial | " + " | ".join([*(labels[k] for k in keys), *metrics, "step",

@@ -53,10 +53,13 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
     assert len(parents) == 1 and len(children) == 4
     assert {c.data.tags[TAG_PARENT] for c in children} == {parents[0].info.run_id}
     assert record["mlflow"]["parent_run_id"] == parents[0].info.run_id
+    # MLflow 3's UI opens the experiment in its model-training view, not GenAI traces
+    assert client.get_experiment_by_name("e2e").tags["mlflow.experimentKind"] == (
+        "custom_model_development")
     note = parents[0].data.tags["mlflow.note.content"]  # the sweep run's description
     best = record["best"]
     assert f"Best trial: [{best['trial_id']}](#/experiments/" in note
-    assert f"runs/{best['mlflow_run_id']})" in note
+    assert f"runs/{best['mlflow_run_id']}?workflowType=machine_learning)" in note
     assert "| trial | NUM_SLOTS | tau_ss | w_ss |" in note
     assert sum(line.startswith("| ") for line in note.splitlines()) == 1 + 4  # header + 4 trials
     by_trial = {c.data.tags[TAG_TRIAL]: c for c in children}
