@@ -3,10 +3,13 @@ Registry (``slotsweep promote``), and the MLflow model that serves a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from core.names import (
     BEST_JSON,
     CHECKPOINTS_DIRNAME,
     RESOLVED_CONFIG_NAME,
+    TRACKING_URI_ENV,
     VERSION_CHECKPOINT,
     VERSION_CHECKPOINT_LOCAL,
     VERSION_METRIC,
@@ -249,11 +253,10 @@ def _register(client: Any, uri: str, name: str, chosen: dict[str, Any]) -> str:
         run.info.experiment_id, name=title, source_run_id=run.info.run_id,
         params={k: str(v) for k, v in (chosen.get("sampled") or {}).items()})
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _fluent_uri(uri):
             weights, config = Path(tmp) / "weights.pt", Path(tmp) / RESOLVED_CONFIG_NAME
             torch.save(state, weights)
             config.write_text(config_to_yaml(cfg))
-            mlflow.set_tracking_uri(uri)
             mlflow.pyfunc.log_model(
                 name=title, model_id=model.model_id, python_model=SlotModelWrapper(),
                 artifacts={"weights": str(weights), "config": str(config)},
@@ -267,9 +270,26 @@ def _register(client: Any, uri: str, name: str, chosen: dict[str, Any]) -> str:
         client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         raise
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    version = mlflow.register_model(f"models:/{model.model_id}", name,
-                                    await_registration_for=60)
+    with _fluent_uri(uri):
+        version = mlflow.register_model(f"models:/{model.model_id}", name,
+                                        await_registration_for=60)
     return str(version.version)
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent calls (``mlflow.pyfunc.log_model``, ``mlflow.register_model``) talk to
+    ``uri`` inside the block only: ``mlflow.set_tracking_uri`` also sets MLFLOW_TRACKING_URI in
+    the environment, which would outlive the promotion (in a test session, or a later command
+    of the same process) pointing at a server that is gone."""
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unsets the variable too
+        if before is not None:
+            os.environ[TRACKING_URI_ENV] = before
 
 
 def promote(sweep: str | Path, name: str | None = None, alias: str = "champion",

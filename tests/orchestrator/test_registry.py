@@ -59,7 +59,7 @@ def _as_ended(client, run_id: str) -> tuple:
             run.data.params, run.data.tags)
 
 
-def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys):
+def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys, monkeypatch):
     server, sweep_dir, record = swept
     client = MlflowClient(server.uri)
     best = record["best"]
@@ -84,7 +84,9 @@ def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys):
     assert text.startswith(f"sweep reg, trial {best['trial_id']}, step {best['step']}: "
                            f"val/ari={best['metrics']['val/ari']:.4f}")
     assert all(f"{k}={v}" in text for k, v in best["sampled"].items()), text
-    mlflow.set_tracking_uri(server.uri)
+    # promote left MLflow's URI as it found it: a user's own load reads the environment
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     loaded = mlflow.pyfunc.load_model("models:/slots@champion")
     clip = torch.randn(2, 2, 3, 56, 56)
     got = loaded.predict(clip.numpy())
