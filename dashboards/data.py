@@ -21,6 +21,7 @@ from core.names import (
     METRIC_ARI,
     METRIC_MBO,
     TAG_KIND,
+    TAG_PARENT,
     TAG_RERUN_OF,
     TAG_SWEEP,
     VERSION_SWEEP,
@@ -115,13 +116,16 @@ def _state(record_trial: dict[str, Any] | None, run_dir: Path, status: str | Non
     return {"FAILED": FAILED, "KILLED": STOPPED}.get(status or "", RUNNING)
 
 
-def collect(sweep_dir: Path, client: Any | None, ui_uri: str | None = None) -> SweepData:
+def collect(sweep_dir: Path, client: Any | None, ui_uri: str | None = None,
+            spec: Any | None = None) -> SweepData:
     """Everything the report shows of the sweep in ``sweep_dir``; ``client``: an MlflowClient
-    (None: from the folders alone, without curves)."""
-    from orchestrator.spec import load_sweep
-    from orchestrator.sweep import SPEC_YAML
+    (None: from the folders alone, without curves); ``spec``: the sweep's file, already loaded
+    (default: read from the folder)."""
+    if spec is None:
+        from orchestrator.spec import load_sweep
+        from orchestrator.sweep import SPEC_YAML
 
-    spec = load_sweep(sweep_dir / SPEC_YAML)
+        spec = load_sweep(sweep_dir / SPEC_YAML)
     best_json = sweep_dir / BEST_JSON
     record = json.loads(best_json.read_text()) if best_json.is_file() else None
     listed = {t["trial_id"]: t for t in (record or {}).get("trials", [])}
@@ -129,12 +133,13 @@ def collect(sweep_dir: Path, client: Any | None, ui_uri: str | None = None) -> S
     if record is None and client is not None:  # running: the sweep's run is found by its tags
         mlflow.update(_sweep_run(client, spec.mlflow.experiment, spec.name))
     keys = [k for k in dict.fromkeys((spec.select.metric, spec.select.tie_break, *CURVES)) if k]
+    statuses = _statuses(client, mlflow.get("experiment_id"), mlflow.get("parent_run_id"))
     trials = []
     for info_path in sorted((sweep_dir / RUN_DIRNAME).glob(f"*/{TRIAL_JSON}")):
         info = json.loads(info_path.read_text())
         run_dir, run_id = info_path.parent, info.get("mlflow_run_id")
-        status = None
-        if client is not None and run_id:
+        status = statuses.get(run_id) if run_id else None
+        if client is not None and run_id and status is None:  # not nested under the sweep's run
             status = client.get_run(run_id).info.status
         trial = Trial(trial_id=info["trial_id"], index=info.get("index"),
                       state=_state(listed.get(info["trial_id"]), run_dir, status),
@@ -178,6 +183,16 @@ def _sweep_run(client: Any, experiment: str, name: str) -> dict[str, str]:
         filter_string=f"tags.`{TAG_KIND}` = 'sweep' and tags.`{TAG_SWEEP}` = '{name}'")
     ids = {"experiment_id": found.experiment_id}
     return {**ids, "parent_run_id": runs[0].info.run_id} if runs else ids
+
+
+def _statuses(client: Any | None, experiment_id: str | None,
+              parent_run_id: str | None) -> dict[str, str]:
+    """Each trial run's status in one query: the runs nested under the sweep's run."""
+    if client is None or experiment_id is None or parent_run_id is None:
+        return {}
+    runs = client.search_runs([experiment_id], max_results=10000,
+                              filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'")
+    return {r.info.run_id: r.info.status for r in runs}
 
 
 def _leader(trials: list[Trial], metric: str, mode: str, tie_break: str | None) -> str | None:

@@ -15,6 +15,7 @@ import jinja2
 
 from core.errors import SlotsweepError, one_line
 from core.names import METRIC_ARI, METRIC_MBO, REPORT_HTML
+from core.training.selection import selection_key
 from dashboards import analysis, figures
 from dashboards.data import SweepData, collect
 from dashboards.masks import trial_masks
@@ -36,11 +37,13 @@ def _html(fig: Any) -> str | None:
 
 
 def _ranked(data: SweepData) -> list[Any]:
+    """Trials best first by the sweep's selection rule (tie-break included); unscored last."""
     def key(t: Any) -> tuple:
         score = t.metrics.get(data.metric)
         if score is None or math.isnan(score):
-            return (1, 0.0)
-        return (0, -score if data.mode == "max" else score)
+            return (1, 0.0, 0.0)
+        best, tie = selection_key(t.metrics, data.metric, data.mode, data.tie_break)
+        return (0, -best, -tie)
 
     return sorted(data.trials, key=key)
 
@@ -145,7 +148,7 @@ def build_report(sweep: str | Path, out: str | Path | None = None, top_k: int = 
         # links: the sweep's own server, or `slotsweep ui` for the embedded store
         embedded = resolve_tracking_uri(spec.mlflow.tracking_uri) is None
         ui = "http://127.0.0.1:5000" if embedded else uri
-        data = collect(sweep_dir, client, ui_uri=ui)
+        data = collect(sweep_dir, client, ui_uri=ui, spec=spec)
         html = render(data, top_k=top_k, data_dir=spec.data_dir, masks=masks)
         path = Path(out) if out else sweep_dir / REPORT_HTML
         tmp = path.with_name(f".{path.name}.tmp")

@@ -156,3 +156,18 @@ def test_report_written_by_a_real_sweep(tmp_path, server, monkeypatch, capsys):
     again = build_report(storage / "rep", tracking_uri=server.uri, top_k=1, log=False).read_text()
     assert again.count('class="mask"') == 1  # kept panels, drawn once
     assert "rep-model v1 @champion" in again  # lineage: the registered version and its alias
+
+
+def test_leaderboard_order_follows_the_selection_rule_with_its_tie_break(fake, server):
+    from mlflow import MlflowClient
+
+    from dashboards.report import _ranked
+
+    data = collect(fake, MlflowClient(server.uri))
+    data.tie_break = "val/mbo"
+    a, b, c = data.trials[:3]
+    a.metrics = {"val/ari": 0.5, "val/mbo": 0.1}
+    b.metrics = {"val/ari": 0.5, "val/mbo": 0.3}  # ties with a on val/ari, wins on val/mbo
+    c.metrics = {}  # never validated: last
+    data.trials = [c, a, b]
+    assert [t.trial_id for t in _ranked(data)] == [b.trial_id, a.trial_id, c.trial_id]
