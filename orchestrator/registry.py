@@ -33,6 +33,7 @@ from core.names import (
     VERSION_SWEEP,
     VERSION_TRIAL,
     checkpoint_path,
+    short_names,
 )
 from orchestrator import PROJECT_DIR
 from orchestrator.mlflow_runs import (
@@ -48,6 +49,7 @@ from orchestrator.mlflow_server import (
     mlflow_root,
     resolve_tracking_uri,
 )
+from orchestrator.progress import fmt
 
 CORE_DIR = PROJECT_DIR / "core"
 OUTPUT_KEYS = ("slots", "masks", "attn_masks")
@@ -217,7 +219,8 @@ def _version_tags(record: dict[str, Any], chosen: dict[str, Any], checkpoint_uri
 
 def describe(record: dict[str, Any], chosen: dict[str, Any]) -> str:
     """A version's description: ``sweep S, trial T, step N: val/ari=0.8123 (val/mbo=0.4321);
-    sampled: key=value, ...``."""
+    sampled: NUM_SLOTS=4, tau_ss=0.1234`` (searched keys by their short names, values to four
+    significant digits; the version's tags hold the full keys and values)."""
     text = (f"sweep {record['sweep']}, trial {chosen['trial_id']}, step {chosen['step']}: "
             f"{chosen['metric']}={chosen['score']:.4f}")
     others = [f"{m}={v:.4f}" for m, v in (chosen.get("metrics") or {}).items()
@@ -226,7 +229,9 @@ def describe(record: dict[str, Any], chosen: dict[str, Any]) -> str:
         text += f" ({', '.join(others)})"
     sampled = chosen.get("sampled") or {}
     if sampled:
-        text += "; sampled: " + ", ".join(f"{k}={v}" for k, v in sorted(sampled.items()))
+        short = short_names(list(sampled))
+        text += "; sampled: " + ", ".join(f"{short[k]}={fmt(v)}" for k, v in sorted(
+            sampled.items(), key=lambda kv: short[kv[0]]))
     return text
 
 

@@ -1,9 +1,12 @@
-"""The sweep report in a real browser (Debian's chromium driven by Playwright; `make
-test-browser`): it renders offline with no console error, one leaderboard row per trial, every
-chart drawn and every mask image loaded."""
+"""The sweep report and MLflow's UI in a real browser (Debian's chromium driven by Playwright;
+`make test-browser`), on a real two-trial quickstart sweep that was promoted: the report renders
+offline with no console error, one leaderboard row per trial, every chart drawn and every mask
+image loaded; MLflow shows the sweep run's description, its Image grid finds each trial's slot
+masks, and the promoted version shows its alias."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -27,9 +30,9 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, server):
-    """The report of a real two-trial quickstart sweep (masks and all)."""
-    from dashboards.report import build_report
+def sweep(tmp_path_factory, server) -> Path:
+    """A real two-trial quickstart sweep on ``server``, its best trial promoted (web@champion)."""
+    from orchestrator.registry import promote
     from orchestrator.sweep import run_sweep, shutdown_ray
 
     storage = tmp_path_factory.mktemp("sweeps")
@@ -41,7 +44,25 @@ def report(tmp_path_factory, server):
                           "mlflow.experiment=web", "trials=2", "trainer.max_steps=4"])
         shutdown_ray()
     assert code == 0
-    return build_report(storage / "web", tracking_uri=server.uri, top_k=2)
+    promote(storage / "web", tracking_uri=server.uri)
+    return storage / "web"
+
+
+@pytest.fixture(scope="module")
+def report(sweep, server) -> Path:
+    """The sweep's report, masks and all."""
+    from dashboards.report import build_report
+
+    return build_report(sweep, tracking_uri=server.uri, top_k=2)
+
+
+@pytest.fixture()
+def page(chromium):
+    context = chromium.new_context(viewport={"width": 1500, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
 
 
 def test_report_renders_offline_with_every_chart_and_mask(chromium, report, tmp_path):
@@ -65,3 +86,57 @@ def test_report_renders_offline_with_every_chart_and_mask(chromium, report, tmp_
     assert all(w >= 2 * 128 for w in widths), widths  # loaded, two frames >= 128 px each
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     context.close()
+
+
+def _record(sweep: Path) -> dict:
+    return json.loads((sweep / "best.json").read_text())
+
+
+def test_mlflow_shows_the_sweep_runs_description(page, sweep, server, tmp_path):
+    from orchestrator.mlflow_runs import run_link
+
+    record = _record(sweep)
+    ids = record["mlflow"]
+    page.goto(run_link(server.uri, ids["experiment_id"], ids["parent_run_id"]))
+    description = page.get_by_text("Best trial:")
+    description.wait_for()
+    assert record["best"]["trial_id"] in description.inner_text()
+    for t in record["trials"]:  # the leaderboard table of the description, rendered
+        assert page.get_by_role("cell", name=t["trial_id"], exact=True).count() == 1
+    page.screenshot(path=str(tmp_path / "mlflow-sweep-run.png"))
+
+
+def test_mlflow_image_grid_finds_every_trials_slot_masks(page, sweep, server, tmp_path):
+    """Experiment page, the sweep run's trials expanded, chart view: the "slots" image card
+    loads one picture per trial."""
+    from orchestrator.mlflow_runs import run_link
+
+    ids = _record(sweep)["mlflow"]
+    page.goto(run_link(server.uri, ids["experiment_id"]))
+    page.get_by_role("row").filter(has_text="web").get_by_role("button").first.click()
+    page.get_by_role("link", name="web-001", exact=True).wait_for()  # trials listed
+    page.locator("[role=radiogroup] label").nth(1).click()  # table | chart | artifacts: chart
+    search = page.get_by_placeholder("Search metric charts")
+    search.wait_for()
+    slots = page.locator("img[src*='images%2Fslots']")
+    box = search.bounding_box()
+    for _ in range(40):  # image cards load when scrolled into view
+        if slots.count() >= 2:
+            break
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 300)
+        page.mouse.wheel(0, 600)
+        page.wait_for_timeout(500)
+    page.wait_for_function("document.querySelectorAll(\"img[src*='images%2Fslots']\").length >= 2"
+                           " && [...document.querySelectorAll(\"img[src*='images%2Fslots']\")]"
+                           ".every(e => e.complete && e.naturalWidth > 0)")
+    page.screenshot(path=str(tmp_path / "mlflow-image-grid.png"))
+
+
+def test_mlflow_shows_the_promoted_versions_alias(page, sweep, server, tmp_path):
+    from mlflow import MlflowClient
+
+    version = MlflowClient(server.uri).get_model_version_by_alias("web", "champion")
+    page.goto(f"{server.uri}/#/models/web/versions/{version.version}")
+    page.get_by_text("@\u00a0champion", exact=True).wait_for()  # MLflow's alias tag
+    assert page.get_by_text(_record(sweep)["best"]["trial_id"]).count() >= 1  # its description
+    page.screenshot(path=str(tmp_path / "mlflow-version.png"))

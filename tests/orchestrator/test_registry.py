@@ -133,10 +133,11 @@ def test_describe_a_version_in_one_line():
 
     chosen = {"trial_id": "t1", "step": 8, "metric": "val/mbo", "score": 0.41234,
               "metrics": {"val/ari": 0.5, "val/mbo": 0.4, "val/loss": None},
-              "sampled": {"globals.NUM_SLOTS": 4, "model.loss_weights.loss_ss": 0.25}}
+              "sampled": {"globals.NUM_SLOTS": 4, "model.loss_weights.loss_ss": 0.25,
+                          "model.losses.loss_ss.temperature": 0.09305864360568289}}
     assert describe({"sweep": "s"}, chosen) == (
         "sweep s, trial t1, step 8: val/mbo=0.4123 (val/ari=0.5000); "
-        "sampled: globals.NUM_SLOTS=4, model.loss_weights.loss_ss=0.25")
+        "sampled: NUM_SLOTS=4, tau_ss=0.09306, w_ss=0.25")
     assert describe({"sweep": "s"}, {**chosen, "metrics": {}, "sampled": {}}) == (
         "sweep s, trial t1, step 8: val/mbo=0.4123")
 
