@@ -29,6 +29,17 @@ def _axis_value(value: Any) -> Any:
     return str(value) if isinstance(value, (list, tuple, dict)) else value
 
 
+def _log_ticks(low: float, high: float) -> dict[str, Any]:
+    """Ticks 1, 2 and 5 of each decade in [low, high] (plotly's own label every digit within
+    two decades, and 0.2, 0.25, 0.3 overlap); its defaults when the range spans more."""
+    if high / low > 100:
+        return {}
+    values = [m * 10.0 ** e for e in range(math.floor(math.log10(low)),
+                                           math.ceil(math.log10(high)) + 1) for m in (1, 2, 5)]
+    values = [v for v in values if low <= v <= high]
+    return {"tickmode": "array", "tickvals": values, "ticktext": [f"{v:g}" for v in values]}
+
+
 def effects(data: SweepData) -> go.Figure | None:
     """val/ari (top row) and val/mbo (bottom row) against each searched value, one column per
     parameter; a categorical axis for choice and grid dimensions, a log axis for log ranges."""
@@ -66,7 +77,7 @@ def effects(data: SweepData) -> go.Figure | None:
                 low, high = float(dist.args[0]), float(dist.args[1])
                 if "log" in dist.kind:
                     fig.update_xaxes(type="log", range=[math.log10(low), math.log10(high)],
-                                     row=row, col=col)
+                                     row=row, col=col, **_log_ticks(low, high))
                 else:
                     pad = (high - low) * 0.05
                     fig.update_xaxes(range=[low - pad, high + pad], row=row, col=col)

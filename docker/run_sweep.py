@@ -12,8 +12,9 @@ parent's parent (run from a checkout: ``python docker/run_sweep.py sweeps/NAME.y
 The script sets ``RAY_ADDRESS=auto`` unless it is set, so the sweep joins the running cluster
 instead of starting a Ray of its own; changes into the project, so ``sweeps/NAME.yaml`` and the
 default storage (``runs/sweeps``) resolve there (a sweep file given relative to the directory
-the script was started in is still found); and runs ``orchestrator.cli.main(["sweep", *args])``,
-exiting with its code: 0 done, 1 every trial failed, 2 bad input (one line on stderr).
+the script was started in is still found); and runs ``dashboards.cli.main(["sweep", *args])``
+(``slotsweep sweep``, its report included), exiting with its code: 0 done, 1 every trial
+failed, 2 bad input (one line on stderr).
 
 From a machine outside the cluster use the Jobs API instead, which uploads the project:
 ``slotsweep submit sweeps/NAME.yaml --address http://HEAD:8265``.
@@ -37,7 +38,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _is_project(path: Path) -> bool:
-    return (path / "orchestrator" / "cli.py").is_file() and (path / "core").is_dir()
+    return (path / "dashboards" / "cli.py").is_file() and (path / "core").is_dir()
 
 
 def project_dir() -> Path:
@@ -46,7 +47,7 @@ def project_dir() -> Path:
     if env:
         path = Path(env).expanduser().resolve()
         if not _is_project(path):
-            _fail(f"{HOME_ENV}={env} is not the slotsweep project (no orchestrator/cli.py "
+            _fail(f"{HOME_ENV}={env} is not the slotsweep project (no dashboards/cli.py "
                   "there): fix or unset it")
         return path
     for path in (CLUSTER_HOME, Path(__file__).resolve().parent.parent):
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
             args[0] = str(given.resolve())
     os.chdir(root)
     sys.path.insert(0, str(root))
-    from orchestrator.cli import main as slotsweep
+    from dashboards.cli import main as slotsweep
 
     return slotsweep(["sweep", *args])
 

@@ -49,7 +49,6 @@ from orchestrator.mlflow_server import (
     mlflow_root,
     resolve_tracking_uri,
 )
-from orchestrator.progress import fmt
 
 CORE_DIR = PROJECT_DIR / "core"
 OUTPUT_KEYS = ("slots", "masks", "attn_masks")
@@ -230,8 +229,9 @@ def describe(record: dict[str, Any], chosen: dict[str, Any]) -> str:
     sampled = chosen.get("sampled") or {}
     if sampled:
         short = short_names(list(sampled))
-        text += "; sampled: " + ", ".join(f"{short[k]}={fmt(v)}" for k, v in sorted(
-            sampled.items(), key=lambda kv: short[kv[0]]))
+        shown = {short[k]: f"{v:.4g}" if isinstance(v, float) else str(v)
+                 for k, v in sampled.items()}
+        text += "; sampled: " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
     return text
 
 

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.errors import SlotsweepError, one_line
 from core.names import (
     BEST_CHECKPOINT_FILE,
     CHECKPOINTS_DIRNAME,
@@ -26,6 +27,15 @@ def _key(spec: specs.SweepSpec, metrics: dict[str, Any]) -> tuple[float, float]:
     return selection_key(metrics, spec.select.metric, spec.select.mode, spec.select.tie_break)
 
 
+def trial_error(error: BaseException) -> str:
+    """A failed trial's reason in one line: slotsweep's own message as it is (``could not write
+    checkpoint ...``), anything else as the traceback's last line (``RuntimeError: ...``)."""
+    cause = getattr(error, "cause", None) or error  # Ray wraps it in a RayTaskError
+    if isinstance(cause, SlotsweepError):
+        return one_line(cause, 300)
+    return str(error).strip().splitlines()[-1][:300]
+
+
 def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict[str, Any]:
     """One trial's outcome: status, sampled values, its best reported step, checkpoint, run."""
     trial_id = result.metrics.get("trial_id") or Path(result.path).name.split("_", 2)[-1]
@@ -34,7 +44,7 @@ def summarize_trial(spec: specs.SweepSpec, sweep_dir: Path, result: Any) -> dict
         else {}
     status = result.metrics.get(STATUS_KEY)
     if result.error is not None:
-        state, error = FAILED, str(result.error).strip().splitlines()[-1][:300]
+        state, error = FAILED, trial_error(result.error)
     elif status == "diverged":
         state, error = DIVERGED, result.metrics.get(ERROR_KEY)
     else:

@@ -4,8 +4,9 @@ Order of events: the sweep file is validated here (a bad one is one line, nothin
 the MLflow URI for the job is chosen (``--mlflow-uri``, else the file's ``mlflow.tracking_uri``,
 else ``$MLFLOW_TRACKING_URI``; there is no embedded server on a cluster) and checked from here ->
 the head's dashboard answers (and accepts the token) -> the project folder is uploaded as the
-job's ``working_dir`` and the job runs ``python -m orchestrator.cli sweep FILE key=value ...`` on
-the head, where ``RAY_ADDRESS`` points at the cluster, so the sweep's trials spread over it.
+job's ``working_dir`` and the job runs ``python -m dashboards.cli sweep FILE key=value ...``
+(``slotsweep sweep``: the sweep and its report, logged to the sweep's run) on the head, where
+``RAY_ADDRESS`` points at the cluster, so the sweep's trials spread over it.
 
 Token authentication (Ray 2.60): a head started by ``ray start --head`` checks a bearer token
 when ``RAY_AUTH_MODE=token`` is set or a token exists where Ray looks for one
@@ -221,7 +222,7 @@ def sweep_path_in(sweep_file: str | Path, working_dir: Path) -> str:
 
 
 def entrypoint(sweep_path: str, overrides: Sequence[str]) -> str:
-    return shlex.join(["python", "-m", "orchestrator.cli", "sweep", sweep_path, *overrides])
+    return shlex.join(["python", "-m", "dashboards.cli", "sweep", sweep_path, *overrides])
 
 
 def _host(url: str) -> str:

@@ -92,10 +92,27 @@ def local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
+class _OneLineTrialFailure(logging.Filter):
+    """Tune logs a failed trial with the trial's whole traceback (40 lines of Ray frames around
+    one of slotsweep's one-line errors): keep its line, with the reason instead of the traceback
+    (the traceback stays in the trial's ``error.txt`` in Tune's folder)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("Trial task failed"):
+            from orchestrator.results import trial_error
+
+            record.msg = f"{record.getMessage()}: {trial_error(record.exc_info[1])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
     import ray
 
     logging.getLogger("ray").setLevel(logging.WARNING)
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _OneLineTrialFailure) for f in controller.filters):
+        controller.addFilter(_OneLineTrialFailure())
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -267,6 +284,10 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
         if not complete:
             print(f"\nsweep interrupted: {ended} of {spec.trials} trials ended; finish it with\n"
                   f"  {resume}", file=stream)
+        elif any(t["state"] == FAILED for t in failed):
+            print(f"\n{sum(t['state'] == FAILED for t in failed)} trial(s) failed (reasons "
+                  f"above); once the cause is fixed, retry them from their last checkpoints "
+                  f"with\n  {resume}", file=stream)
         if best is not None:
             print(f"\n{'best' if complete else 'best so far'}: trial {best['trial_id']} at step "
                   f"{best['step']}: "

@@ -39,8 +39,9 @@ DONE_JSON = "done.json"  # a finished trial's final report: a restarted sweep ne
 STATUS_KEY = "slotsweep_status"  # reported by every trial: "running", "done" or "diverged"
 ERROR_KEY = "slotsweep_error"
 CACHE_KEY = "feature_cache"  # in a trial's final report: the feature cache folder it read
-# FAULT_ENV (a testing aid): "raise:<trial index>:<step>", "nan:<trial index>:<step>" and/or
-# "hold:<trial index>:<step>", comma-separated (orchestrator.trial_callbacks.FaultInjector).
+# FAULT_ENV (a testing aid): "raise:<trial index>:<step>", "nan:<trial index>:<step>",
+# "hold:<trial index>:<step>" and/or "enospc:<trial index>:<step>", comma-separated
+# (orchestrator.trial_callbacks.FaultInjector).
 
 
 @dataclass

@@ -3,11 +3,13 @@ every validation, and the faults tests inject."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -47,13 +49,33 @@ class TuneReporter(pl.Callback):
 
 class FaultInjector(pl.Callback):
     """Testing aid (``SLOTSWEEP_INJECT_FAULT``): make trial ``index`` raise once, turn its loss
-    NaN, or hold still once (so a test can kill it at a known step) at ``step``. A marker file
-    makes ``raise`` and ``hold`` happen only once per trial."""
+    NaN, hold still once (so a test can kill it at a known step) at ``step``, or find the disk
+    full (``enospc``) once when it writes the checkpoint of ``step``: the write call itself fails
+    with ENOSPC, inside the trial's checkpoint writer. A marker file makes ``raise``, ``hold``
+    and ``enospc`` happen only once per trial."""
 
     def __init__(self, spec: str, index: int, marker: Path) -> None:
         kind, which, step = spec.split(":")
         self.kind, self.step, self.marker = kind, int(step), marker
         self.active = int(which) == index
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if not self.active or self.kind != "enospc":
+            return
+        from pytorch_lightning.plugins import TorchCheckpointIO
+
+        io = trainer.strategy.checkpoint_io
+        write = io.save_checkpoint
+
+        def save(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if checkpoint.get("global_step") == self.step and not self.marker.exists():
+                self.marker.write_text("disk full")
+                full = OSError(errno.ENOSPC, "No space left on device")
+                with mock.patch.object(TorchCheckpointIO, "save_checkpoint", side_effect=full):
+                    return write(checkpoint, path, storage_options)
+            return write(checkpoint, path, storage_options)
+
+        io.save_checkpoint = save
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.active or trainer.global_step != self.step:

@@ -171,3 +171,11 @@ def test_leaderboard_order_follows_the_selection_rule_with_its_tie_break(fake, s
     c.metrics = {}  # never validated: last
     data.trials = [c, a, b]
     assert [t.trial_id for t in _ranked(data)] == [b.trial_id, a.trial_id, c.trial_id]
+
+
+def test_log_axes_label_one_two_and_five_of_each_decade():
+    from dashboards.figures import _log_ticks
+
+    assert _log_ticks(0.05, 0.3)["tickvals"] == [0.05, 0.1, 0.2]  # not 0.2, 0.25, 0.3 crowded
+    assert _log_ticks(0.05, 0.3)["ticktext"] == ["0.05", "0.1", "0.2"]
+    assert _log_ticks(1e-5, 1e-1) == {}  # four decades: plotly's decade labels are fine

@@ -96,6 +96,47 @@ def test_a_signal_stops_the_sweep_and_resume_finishes_it(tmp_path, sig):
         assert path.stat().st_mtime_ns == mtime, path
 
 
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_trial_and_resume_continues_it(tmp_path):
+    """ENOSPC while trial 0 writes its step-8 checkpoint (injected at the write call): the trial
+    fails with the one-line reason, its step-4 checkpoint is whole and no partial file is left;
+    once there is space, --resume continues it from step 4 (not from scratch) to the end."""
+    from core.training.checkpoint import read_checkpoint
+
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "quickstart", "name=full",
+           f"storage={tmp_path / 'storage'}", "trials=2", "trainer.max_steps=12",
+           "max_failures=0"]
+    env = {**_env(tmp_path), "SLOTSWEEP_INJECT_FAULT": "enospc:0:8"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Traceback" not in first.stderr, first.stderr[-3000:]  # Tune's, cut to one line
+    failure = [ln for ln in first.stderr.splitlines() if "Trial task failed" in ln]
+    assert len(failure) == 1 and "could not write checkpoint" in failure[0], first.stderr[-3000:]
+    reason = [ln for ln in first.stdout.splitlines() if " failed: could not write checkpoint" in ln]
+    assert len(reason) == 1 and "(No space left on device)" in reason[0], first.stdout[-3000:]
+    assert "1 trial(s) failed" in first.stdout and "--resume" in first.stdout
+    record = json.loads((tmp_path / "storage" / "full" / "best.json").read_text())
+    states = {t["trial_id"].rsplit("_", 1)[1]: t for t in record["trials"]}
+    assert states["00000"]["state"] == "FAILED", states
+    assert states["00001"]["state"] == "DONE", states
+    ckpts = Path(states["00000"]["run_dir"]) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step=*")) == ["step=4.ckpt"]
+    assert not list(ckpts.glob(".*tmp"))  # no partial write left
+    assert read_checkpoint(ckpts / "step=4.ckpt")["global_step"] == 4
+    kept = (ckpts / "step=4.ckpt").stat().st_mtime_ns
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True,
+                             env=_env(tmp_path), cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    record = json.loads((tmp_path / "storage" / "full" / "best.json").read_text())
+    assert record["complete"] is True
+    assert [t["state"] for t in record["trials"]] == ["DONE", "DONE"], record["trials"]
+    assert (ckpts / "step=12.ckpt").is_file()
+    assert (ckpts / "step=4.ckpt").stat().st_mtime_ns == kept  # continued, not retrained
+
+
 def test_a_second_sweep_of_the_same_name_is_refused(tmp_path, monkeypatch, capsys):
     """While a driver runs sweep `twin`, another `slotsweep sweep ... name=twin` stops in one line
     before starting Ray or MLflow, and touches nothing of the first; a killed driver's lock is

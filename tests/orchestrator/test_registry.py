@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from core.names import TAG_FEATURE_CACHE, TAG_PARENT, TAG_RERUN_OF
+from core.names import TAG_FEATURE_CACHE, TAG_PARENT, TAG_RERUN_OF, short_names
 from orchestrator.cli import main
 from orchestrator.mlflow_server import LocalServer
 
@@ -83,7 +83,8 @@ def test_promote_registers_and_the_alias_loads_the_same_model(swept, capsys, mon
     text = version.description
     assert text.startswith(f"sweep reg, trial {best['trial_id']}, step {best['step']}: "
                            f"val/ari={best['metrics']['val/ari']:.4f}")
-    assert all(f"{k}={v}" in text for k, v in best["sampled"].items()), text
+    short = short_names(list(best["sampled"]))
+    assert all(f"{short[k]}={v:.4g}" in text for k, v in best["sampled"].items()), text
     # promote left MLflow's URI as it found it: a user's own load reads the environment
     assert "MLFLOW_TRACKING_URI" not in os.environ
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)

@@ -173,7 +173,7 @@ def test_a_submitted_sweep_runs_on_the_cluster_and_logs_to_mlflow(head, server, 
     client = head.client()
     info = client.get_job_info(job_id)
     assert str(info.status) == "SUCCEEDED"
-    assert info.entrypoint == ("python -m orchestrator.cli sweep sweeps/quickstart.yaml trials=2 "
+    assert info.entrypoint == ("python -m dashboards.cli sweep sweeps/quickstart.yaml trials=2 "
                                "concurrency=2 trainer.max_steps=4 name=submitted "
                                f"storage={storage}")
     assert info.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": server.uri}
@@ -181,6 +181,7 @@ def test_a_submitted_sweep_runs_on_the_cluster_and_logs_to_mlflow(head, server, 
     assert f"ray job logs --follow {job_id} --address {head.address}" in out
     assert "2/2 trials finished" in out and "best: trial" in out  # the job's log, streamed
     assert (storage / "submitted" / "best.json").is_file()  # written by the job on the head
+    assert (storage / "submitted" / "report.html").is_file()  # and its report
     parents, children = sweep_runs(server.uri, "quickstart")
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags[TAG_PARENT] for c in children} == {parents[0].info.run_id}
@@ -291,7 +292,7 @@ def test_the_token_is_found_where_ray_looks_for_it(tmp_path, monkeypatch):
 
 def test_the_entrypoint_quotes_overrides():
     assert sub.entrypoint("sweeps/a b.yaml", ["search.x={choice: [1, 2]}"]) == (
-        "python -m orchestrator.cli sweep 'sweeps/a b.yaml' 'search.x={choice: [1, 2]}'")
+        "python -m dashboards.cli sweep 'sweeps/a b.yaml' 'search.x={choice: [1, 2]}'")
 
 
 def _run_script(script: Path, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
@@ -316,5 +317,5 @@ def test_the_cluster_launcher_script_runs_slotsweep_sweep(tmp_path):
     done = _run_script(copy, tmp_path, SLOTSWEEP_HOME=str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip() == (f"slotsweep: error: SLOTSWEEP_HOME={tmp_path} is not the "
-                                   "slotsweep project (no orchestrator/cli.py there): fix or "
+                                   "slotsweep project (no dashboards/cli.py there): fix or "
                                    "unset it")
