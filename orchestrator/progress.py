@@ -9,6 +9,7 @@ from typing import Any
 from ray.tune import Callback
 
 from core.names import short_names
+from core.training.selection import selection_key
 from orchestrator.trial import STATUS_KEY
 
 PENDING, RUNNING, DONE, FAILED, DIVERGED, STOPPED = (
@@ -45,14 +46,66 @@ def interrupted_trials() -> set[str]:
     return LIFECYCLE["live"] - LIFECYCLE["ended"]
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``5m32s``, ``1h02m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+ENDED = (DONE, FAILED, DIVERGED, STOPPED)
+
+
 class ProgressTable(Callback):
     """Prints the trial table when a trial changes state, and at most every ``interval`` seconds
-    when only results arrive."""
+    when only results arrive, under a line with the trials finished / running / pending of the
+    planned total, the best so far (``metrics[0]`` by ``mode``, ties by ``metrics[1]``), the time
+    since this run of the sweep started and an ETA from the steps trained since then."""
 
-    def __init__(self, metrics: list[str], keys: list[str], interval: float = 10.0) -> None:
+    # defaults for a table unpickled by --resume from a sweep begun by an older slotsweep
+    planned, max_steps, mode, _start, _base_steps = 0, 0, "max", 0.0, 0
+
+    def __init__(self, metrics: list[str], keys: list[str], interval: float = 10.0,
+                 planned: int = 0, max_steps: int = 0, mode: str = "max") -> None:
         self.metrics, self.keys, self.interval = metrics, keys, interval
+        self.planned, self.max_steps, self.mode = planned, max_steps, mode
         self.rows: dict[str, dict[str, Any]] = {}
         self._printed = 0.0
+        self._start = time.monotonic()
+        self._base_steps = 0
+
+    def setup(self, **info: Any) -> None:
+        """At the start of every fit(), a resumed one too (its rows unpickled with it)."""
+        self._start, self._base_steps = time.monotonic(), self._steps()
+
+    def _steps(self) -> int:
+        return sum(self.max_steps if r["state"] in ENDED else int(r.get("step") or 0)
+                   for r in self.rows.values())
+
+    def headline(self, now: float | None = None) -> str:
+        """``2 finished, 2 running, 0 pending of 4 planned · best so far ... · elapsed 5m32s ·
+        ETA ~4m10s``."""
+        now = time.monotonic() if now is None else now
+        states = [r["state"] for r in self.rows.values()]
+        ended, running = sum(s in ENDED for s in states), states.count(RUNNING)
+        planned = max(self.planned, len(states))
+        parts = [f"{ended} finished, {running} running, {planned - ended - running} pending "
+                 f"of {planned} planned"]
+        metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
+        scored = {t: r for t, r in self.rows.items() if r.get(metric) is not None}
+        if scored:
+            best = max(scored, key=lambda t: selection_key(scored[t], metric, self.mode, tie))
+            parts.append(f"best so far {best} {metric}={fmt(scored[best][metric])}")
+        elapsed = now - self._start
+        parts.append(f"elapsed {duration(elapsed)}")
+        steps, total = self._steps(), planned * self.max_steps
+        gained = steps - self._base_steps
+        if gained > 0 and total > steps:
+            parts.append(f"ETA ~{duration(elapsed * (total - steps) / gained)}")
+        return " · ".join(parts)
 
     def _row(self, trial: Any) -> dict[str, Any]:
         row = self.rows.setdefault(trial.trial_id, {"state": PENDING, "config": trial.config})
@@ -71,10 +124,8 @@ class ProgressTable(Callback):
              *(fmt(r.get(m)) for m in self.metrics)]
             for tid, r in sorted(self.rows.items())
         ]
-        done = sum(r["state"] in (DONE, FAILED, DIVERGED, STOPPED) for r in self.rows.values())
         stream = sys.stdout  # looked up now: the callback is pickled with the Tuner
-        print(f"\n[{time.strftime('%H:%M:%S')}] {done}/{len(self.rows)} trials finished",
-              file=stream)
+        print(f"\n[{time.strftime('%H:%M:%S')}] {self.headline(now)}", file=stream)
         print(format_table(headers, rows), file=stream, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

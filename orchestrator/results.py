@@ -93,8 +93,8 @@ def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dic
     metrics = list(dict.fromkeys(m for m in (spec.select.metric, spec.select.tie_break,
                                              METRIC_ARI, METRIC_MBO) if m))
     labels = short_names(keys)
-    headers = ["trial", "state", "step", *(labels[k] for k in keys), *metrics, "checkpoint",
-               "mlflow run"]
+    headers = ["trial", "state", "best step", *(labels[k] for k in keys), *metrics,
+               "checkpoint", "mlflow run"]
     rows = []
     for t in sorted(trials, key=lambda t: (t["index"] is None, t["index"], t["trial_id"])):
         mark = "*" if best is not None and t["trial_id"] == best["trial_id"] else ""
@@ -102,7 +102,8 @@ def print_summary(spec: specs.SweepSpec, trials: list[dict[str, Any]], best: dic
                      *(fmt(t["sampled"].get(k)) for k in keys),
                      *(fmt(t["metrics"].get(m)) for m in metrics),
                      t["checkpoint"] or "-", t["mlflow_run_id"] or "-"])
-    print(f"\nsweep {spec.name}: {len(trials)} trials", file=stream)
+    print(f"\nsweep {spec.name}: {len(trials)} trials (metrics and checkpoint at each trial's "
+          f"best step by {spec.select.mode} {spec.select.metric}; * the best trial)", file=stream)
     print(format_table(headers, rows), file=stream)
     for t in trials:
         if t["error"]:

@@ -49,7 +49,7 @@ from orchestrator.progress import (
 )
 from orchestrator.results import print_summary, select_best, summarize_trial
 from orchestrator.search import param_space, trial_resources, tune_config
-from orchestrator.spec_check import check_cluster
+from orchestrator.spec_check import check_cluster, max_steps
 from orchestrator.sweep_control import sweep_lock, term_as_interrupt
 from orchestrator.sweep_end import record_end
 from orchestrator.trial import (
@@ -120,7 +120,11 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
             ray.init(address=address, **kwargs)
         else:
             # address="local": a private instance, even beside a `ray start` cluster (which
-            # RAY_ADDRESS=auto joins); without it ray.init would try to join that one
+            # RAY_ADDRESS=auto joins); without it ray.init would try to join that one.
+            # Token authentication, which Ray 2.60 turns on for a new local instance, asked
+            # for explicitly: Ray then starts it without its "Set RAY_AUTH_MODE=disabled to
+            # opt out" warning on every sweep (a user's own RAY_AUTH_MODE still wins)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
     resources = ray.cluster_resources()
     check_cluster(spec, resources)
@@ -171,7 +175,8 @@ def _tuner(spec: specs.SweepSpec, trainable: Any, resume: bool) -> Any:
         return tune.Tuner.restore(f"{spec.storage}/{spec.name}", trainable, resume_errored=True)
     cfg = load_config(spec.base, spec.overrides)
     metrics = [spec.select.metric] + ([spec.select.tie_break] if spec.select.tie_break else [])
-    progress = ProgressTable(metrics, list(spec.search))
+    progress = ProgressTable(metrics, list(spec.search), planned=int(spec.trials),
+                             max_steps=max_steps(spec, cfg), mode=spec.select.mode)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),

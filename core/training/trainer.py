@@ -38,6 +38,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     # val metrics are summed over ranks by hand (SlotModule._reduce): every rank logs the total
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    # Lightning logs every log_every_n_steps optimizer steps counted across epochs (training is
+    # max_steps long, epochs are just passes over short datasets), so an epoch shorter than
+    # the interval loses no train/ line: its "smaller than the logging interval" does not apply
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 
 
 def lightning_precision(cfg: Config) -> str:

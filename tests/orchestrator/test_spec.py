@@ -459,3 +459,20 @@ def test_seeded_random_search_is_reproducible(tmp_path):
 
     first = configs(0)
     assert len(first) == 4 and first == configs(0) and first != configs(1)
+
+
+def test_the_live_tables_headline_counts_planned_trials_best_elapsed_and_eta():
+    from orchestrator.progress import DONE, RUNNING, ProgressTable, duration
+
+    table = ProgressTable(["val/ari", "val/mbo"], ["globals.NUM_SLOTS"], planned=4,
+                          max_steps=100, mode="max")
+    table.setup()
+    start = table._start
+    table.rows = {"t0": {"state": DONE, "step": 100, "val/ari": 0.3, "val/mbo": 0.1},
+                  "t1": {"state": RUNNING, "step": 50, "val/ari": 0.3, "val/mbo": 0.2}}
+    line = table.headline(now=start + 60)
+    assert line.startswith("1 finished, 1 running, 2 pending of 4 planned")
+    assert "best so far t1 val/ari=0.3" in line  # tie on val/ari, t1 wins on val/mbo
+    assert "elapsed 1m00s" in line
+    assert "ETA ~1m40s" in line  # 150 of 400 steps in 60 s: 250 more take 100 s
+    assert duration(42) == "42s" and duration(3725) == "1h02m"

@@ -40,7 +40,7 @@ def test_sweep_of_four_trials_two_at_a_time(tmp_path, server, capsys):
             f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=e2e"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "4/4 trials finished" in out and "best: trial" in out
+    assert "4 finished, 0 running, 0 pending of 4 planned" in out and "best: trial" in out
     # the first trial built the feature cache (under a lock); every trial read it
     cache_line = next(line for line in out.splitlines() if line.startswith("feature cache: "))
     assert "(read by 4 of 4 trials" in cache_line, cache_line
@@ -273,4 +273,5 @@ def test_the_final_table_names_searched_keys_as_mlflow_and_the_report_do():
     out = io.StringIO()
     print_summary(load_sweep(QUICKSTART), [], None, out)
     header = next(line for line in out.getvalue().splitlines() if line.startswith("trial"))
-    assert header.split()[:6] == ["trial", "state", "step", "NUM_SLOTS", "tau_ss", "w_ss"]
+    assert header.split()[:7] == ["trial", "state", "best", "step", "NUM_SLOTS", "tau_ss", "w_ss"]
+    assert "at each trial's best step by max val/ari" in out.getvalue()

@@ -1,0 +1,45 @@
+"""A normal run's terminal holds slotsweep's own lines, not library noise: `slotsweep train tiny`
+and a quickstart sweep (each in a fresh process, Ray's RAY_AUTH_MODE unset as a new user has
+it) print none of the warnings a first run used to bury them under."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NOISE = (
+    "Token authentication is enabled",  # Ray 2.60, every local ray.init with the mode unset
+    "RAY_AUTH_MODE=disabled",
+    "smaller than the logging interval",  # Lightning, epochs shorter than log_every_n_steps
+    "Traceback",
+    "UserWarning",
+    "DeprecationWarning",
+    "PossibleUserWarning",
+)
+
+
+def _run(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["SLOTSWEEP_MLFLOW_DIR"] = str(tmp_path / "mlflow")
+    done = subprocess.run([sys.executable, "-m", "dashboards.cli", *argv], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("argv", [
+    ("train", "tiny", "trainer.max_steps=30", "--log-dir", "logs"),
+    ("sweep", "quickstart", "trials=2", "trainer.max_steps=4", "storage=sweeps", "--no-report"),
+], ids=["train", "sweep"])
+def test_a_normal_run_prints_no_library_warning(tmp_path, argv):
+    done = _run(tmp_path, *argv)
+    output = done.stdout + done.stderr
+    found = [n for n in NOISE if n in output]
+    assert not found, f"{found} in:\n{done.stderr[-3000:]}"
