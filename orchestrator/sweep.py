@@ -106,10 +106,22 @@ class _OneLineTrialFailure(logging.Filter):
         return True
 
 
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
     import ray
 
     logging.getLogger("ray").setLevel(logging.WARNING)
+    # Ray 2.60 turns token authentication on for every new local instance and says so, with
+    # how to turn it off, on every sweep: slotsweep keeps it on, so the advice is noise here
+    # (setting RAY_AUTH_MODE=token ourselves would silence it, but Ray reads the mode once at
+    # import and its client then sends no token to its own GCS)
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenAuthNotice) for f in auth.filters):
+        auth.addFilter(_TokenAuthNotice())
     controller = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(isinstance(f, _OneLineTrialFailure) for f in controller.filters):
         controller.addFilter(_OneLineTrialFailure())
@@ -120,11 +132,7 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
             ray.init(address=address, **kwargs)
         else:
             # address="local": a private instance, even beside a `ray start` cluster (which
-            # RAY_ADDRESS=auto joins); without it ray.init would try to join that one.
-            # Token authentication, which Ray 2.60 turns on for a new local instance, asked
-            # for explicitly: Ray then starts it without its "Set RAY_AUTH_MODE=disabled to
-            # opt out" warning on every sweep (a user's own RAY_AUTH_MODE still wins)
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # RAY_ADDRESS=auto joins); without it ray.init would try to join that one
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
     resources = ray.cluster_resources()
     check_cluster(spec, resources)
