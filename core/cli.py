@@ -211,8 +211,12 @@ def _cache_features(args: argparse.Namespace) -> int:
     print(f"feature cache: {cache.root}")
     print(f"  {info['backbone']} weights {info['weights_hash']}, block {info['layer']}, "
           f"{info['img_size']} px, {info['dtype']}; frames {frames}; "
-          f"{human_bytes(cache.nbytes)}; ready in {time.time() - start:.1f} s"
-          f"{' (every shard re-hashed)' if args.verify else ''}")
+          f"{human_bytes(cache.nbytes)}; ready in {time.time() - start:.1f} s")
+    if args.verify:  # open_cache(full_check=True) raised a CacheError on any mismatch
+        shards = sum(len(split["shards"]) for split in cache.manifest["splits"].values())
+        print(f"  verified: OK, all {shards} shards ({human_bytes(cache.nbytes)}) re-hashed "
+              f"and each matches its blake2b digest in the manifest; sizes, shapes and frame "
+              f"counts agree")
     if cfg.feature_cache.mode == "off":
         print("  note: this config has feature_cache.mode=off, so training will not read it")
     return 0

@@ -246,9 +246,19 @@ def test_cli_builds_verifies_and_reports_errors_in_one_line(tmp_path):
     assert "feature cache: " in built.stdout and "frames {'train': 24, 'val': 8}" in built.stdout
     assert "building feature cache" in built.stderr
     verified = run("cache-features", "tiny", where, "--verify")
-    assert verified.returncode == 0 and "every shard re-hashed" in verified.stdout
+    assert verified.returncode == 0 and "verified: OK, all " in verified.stdout
+    assert "each matches its blake2b digest" in verified.stdout
     assert "building" not in verified.stderr
     manifest = json.loads(next((tmp_path / "features").glob("*/manifest.json")).read_text())
+    root = next((tmp_path / "features").glob("*/manifest.json")).parent
+    shard = root / next(iter(manifest["splits"].values()))["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the digest can tell
+    shard.write_bytes(bytes(data))
+    repaired = run("cache-features", "tiny", where, "--verify")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "does not match its digest" in repaired.stderr and "rebuilding" in repaired.stderr
+    assert "verified: OK" in repaired.stdout  # of the rebuilt cache
     assert manifest["complete"] and manifest["key_inputs"]["backbone"] == "vit"
     for args, needle in (
         (("cache-features", "tiny", "feature_cache.nope=1"), "feature_cache.nope"),
