@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +44,19 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def usable_workers(asked: int, say: bool = False) -> int:
+    """``dataset.num_workers``, at most the CPUs this process may run on (more loader processes
+    than CPUs only compete with training; PyTorch warns about it). The batches are the same:
+    clips are drawn in the main process and each is read the same way by any worker. ``say``:
+    one line on stderr when the number is lowered."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = min(asked, max(1, cpus or 1))
+    if say and usable < asked:
+        print(f"dataset.num_workers={asked}: using {usable} loader processes, as many as this "
+              f"machine has CPUs", file=sys.stderr)
+    return usable
 
 
 class ResumableDataLoader(DataLoader):
@@ -160,7 +175,7 @@ class VideoDataModule(pl.LightningDataModule):
             self.val_set = self._dataset(self.cfg.val_split, train=False)
 
     def _loader(self, dataset: ClipDataset, batch_size: int, train: bool) -> DataLoader:
-        workers = self.cfg.num_workers
+        workers = usable_workers(self.cfg.num_workers, say=train)
         trainer = getattr(self, "trainer", None)
         world = trainer.world_size if trainer is not None else 1
         sampler = None

@@ -333,3 +333,17 @@ def test_cli_make_data_object_options(tmp_path):
     assert len({tuple(o["color"]) for o in objects}) == 1
     assert all(o["velocity"] == [0.0, 0.0] for o in objects)
     assert all(0.2 * 32 <= o["size"] <= 0.25 * 32 for o in objects)
+
+
+def test_loader_processes_are_capped_at_the_cpus_with_one_line(monkeypatch, capsys):
+    import os
+
+    from core.data.datamodule import usable_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert usable_workers(4, say=True) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dataset.num_workers=4: using 2 loader processes, as many as this machine "
+                   "has CPUs"]
+    assert usable_workers(1, say=True) == 1 and usable_workers(0) == 0
+    assert capsys.readouterr().err == ""

@@ -17,6 +17,7 @@ NOISE = (
     "Token authentication is enabled",  # Ray 2.60, every local ray.init with the mode unset
     "RAY_AUTH_MODE=disabled",
     "smaller than the logging interval",  # Lightning, epochs shorter than log_every_n_steps
+    "suggested max number of worker",  # PyTorch, more loader processes than CPUs
     "Traceback",
     "UserWarning",
     "DeprecationWarning",
@@ -35,7 +36,8 @@ def _run(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("argv", [
-    ("train", "tiny", "trainer.max_steps=30", "--log-dir", "logs"),
+    ("train", "tiny", "trainer.max_steps=30", f"dataset.num_workers={os.cpu_count() + 2}",
+     "--log-dir", "logs"),
     ("sweep", "quickstart", "trials=2", "trainer.max_steps=4", "storage=sweeps", "--no-report"),
 ], ids=["train", "sweep"])
 def test_a_normal_run_prints_no_library_warning(tmp_path, argv):
