@@ -106,9 +106,21 @@ class _OneLineTrialFailure(logging.Filter):
         return True
 
 
-class _TokenAuthNotice(logging.Filter):
+class _DropNotice(logging.Filter):
+    """Drops a library's log records that start with ``prefix`` (each use says why)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled")
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _drop(logger: str, prefix: str) -> None:
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in target.filters):
+        target.addFilter(_DropNotice(prefix))
 
 
 def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
@@ -119,9 +131,11 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
     # how to turn it off, on every sweep: slotsweep keeps it on, so the advice is noise here
     # (setting RAY_AUTH_MODE=token ourselves would silence it, but Ray reads the mode once at
     # import and its client then sends no token to its own GCS)
-    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _TokenAuthNotice) for f in auth.filters):
-        auth.addFilter(_TokenAuthNotice())
+    _drop("ray._private.authentication.authentication_token_setup",
+          "Token authentication is enabled")
+    # Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after Ctrl-C is
+    # Python for a Tune user; the sweep prints its own command line to finish it (--resume)
+    _drop("ray.tune.tune", "Experiment has been interrupted")
     controller = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(isinstance(f, _OneLineTrialFailure) for f in controller.filters):
         controller.addFilter(_OneLineTrialFailure())
