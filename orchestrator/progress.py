@@ -9,6 +9,7 @@ from typing import Any
 from ray.tune import Callback
 
 from core.names import short_names
+from core.text import duration
 from core.training.selection import selection_key
 from orchestrator.trial import STATUS_KEY
 
@@ -44,16 +45,6 @@ LIFECYCLE: dict[str, set[str]] = {"live": set(), "ended": set()}
 def interrupted_trials() -> set[str]:
     """Trials of the last ``fit()`` that were running when it returned."""
     return LIFECYCLE["live"] - LIFECYCLE["ended"]
-
-
-def duration(seconds: float) -> str:
-    """``42s``, ``5m32s``, ``1h02m``."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 ENDED = (DONE, FAILED, DIVERGED, STOPPED)

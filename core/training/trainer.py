@@ -124,6 +124,13 @@ def build_trainer(cfg: Config, run_dir: Path, datamodule: Any, callbacks: Sequen
     if best is None:
         best = best_checkpoint(run_dir)
     others = [c for c in callbacks if c is not best]
+    # a live bar on a terminal; elsewhere (a file, CI, a cluster's log) plain periodic lines,
+    # unless the caller turned progress off (a sweep's trials: the sweep's table reports them)
+    bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    if progress_bar is None and not bar and is_rank_zero():
+        from core.training.progress import ProgressLines
+
+        others.append(ProgressLines(run_dir / CHECKPOINTS_DIRNAME))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator,
@@ -148,7 +155,7 @@ def build_trainer(cfg: Config, run_dir: Path, datamodule: Any, callbacks: Sequen
             *others,
         ],
         deterministic=t.deterministic,
-        enable_progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         enable_checkpointing=False,  # StepCheckpoint / BestCheckpoint write them all, one naming
         default_root_dir=str(run_dir),

@@ -453,3 +453,37 @@ def test_ctrl_c_or_sigterm_on_train_is_one_line_with_the_continue_command(tmp_pa
     last = line.split("continue with: slotsweep train tiny --continue ")[1]
     assert read_checkpoint(last)["global_step"] >= 2
     assert not alive(children)
+
+
+def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypatch):
+    """stderr a terminal: Lightning's bar, no lines; not a terminal (a file, CI): no bar, lines
+    saying the step of max_steps, speed, ETA, loss and the last validation."""
+    import io
+    from types import SimpleNamespace
+
+    from core.training.progress import ProgressLines
+    from core.training.trainer import build_trainer
+
+    cfg = load_config("tiny", ["trainer.max_steps=4"])
+    data = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        trainer, _ = build_trainer(cfg, Path("run"), data, [], precision="32")
+        lines = [c for c in trainer.callbacks if isinstance(c, ProgressLines)]
+        assert (trainer.progress_bar_callback is not None) == tty and bool(lines) != tty
+    trainer, _ = build_trainer(cfg, Path("run"), data, [], precision="32", progress_bar=False)
+    assert trainer.progress_bar_callback is None  # a sweep's trial: neither
+    assert not [c for c in trainer.callbacks if isinstance(c, ProgressLines)]
+
+    out = io.StringIO()
+    lines = ProgressLines(Path("run/checkpoints"), every_s=30.0, stream=out)
+    fake = SimpleNamespace(global_step=100, max_steps=600, sanity_checking=False,
+                           callback_metrics={"train/loss": 0.83125, "val/ari": 0.2134,
+                                             "val/mbo": 0.18})
+    lines.on_train_start(fake, None)
+    assert "training to step 600" in out.getvalue() and "run/checkpoints" in out.getvalue()
+    lines._t0, lines._last, lines._s0 = lines._t0 - 40.0, lines._last - 40.0, 0  # 100 in 40 s
+    lines.on_validation_end(fake, None)
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("step 100/600 (17%) · 2.5 steps/s · ETA 3m20s"), last
+    assert "train/loss 0.8313" in last and "val/ari 0.2134  val/mbo 0.18 (step 100)" in last

@@ -462,7 +462,8 @@ def test_seeded_random_search_is_reproducible(tmp_path):
 
 
 def test_the_live_tables_headline_counts_planned_trials_best_elapsed_and_eta():
-    from orchestrator.progress import DONE, RUNNING, ProgressTable, duration
+    from core.text import duration
+    from orchestrator.progress import DONE, RUNNING, ProgressTable
 
     table = ProgressTable(["val/ari", "val/mbo"], ["globals.NUM_SLOTS"], planned=4,
                           max_steps=100, mode="max")
