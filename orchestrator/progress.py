@@ -86,10 +86,14 @@ class ProgressTable(Callback):
         parts = [f"{ended} finished, {running} running, {planned - ended - running} pending "
                  f"of {planned} planned"]
         metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
-        scored = {t: r for t, r in self.rows.items() if r.get(metric) is not None}
+        # each trial at its best reported step (the final table's rule), not its latest
+        scored = {t: r.get("best") or r for t, r in self.rows.items()}
+        scored = {t: r for t, r in scored.items() if r.get(metric) is not None}
         if scored:
             best = max(scored, key=lambda t: selection_key(scored[t], metric, self.mode, tie))
-            parts.append(f"best so far {best} {metric}={fmt(scored[best][metric])}")
+            at = scored[best].get("step")
+            parts.append(f"best so far {best} {metric}={fmt(scored[best][metric])}"
+                         + (f" (step {at})" if at is not None else ""))
         elapsed = now - self._start
         parts.append(f"elapsed {duration(elapsed)}")
         steps, total = self._steps(), planned * self.max_steps
@@ -133,6 +137,12 @@ class ProgressTable(Callback):
         LIFECYCLE["live"].add(trial.trial_id)
         row = self._row(trial)
         row.update({k: result[k] for k in ("step", *self.metrics) if k in result})
+        metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
+        latest = {k: result[k] for k in ("step", *self.metrics) if k in result}
+        if result.get(metric) is not None and (row.get("best") is None or selection_key(
+                latest, metric, self.mode, tie) > selection_key(row["best"], metric, self.mode,
+                                                               tie)):
+            row["best"] = latest
         if result.get(STATUS_KEY) == "diverged":
             row["state"] = DIVERGED
         self._show(force=False)

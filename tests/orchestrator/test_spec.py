@@ -462,6 +462,8 @@ def test_seeded_random_search_is_reproducible(tmp_path):
 
 
 def test_the_live_tables_headline_counts_planned_trials_best_elapsed_and_eta():
+    from types import SimpleNamespace
+
     from core.text import duration
     from orchestrator.progress import DONE, RUNNING, ProgressTable
 
@@ -469,11 +471,16 @@ def test_the_live_tables_headline_counts_planned_trials_best_elapsed_and_eta():
                           max_steps=100, mode="max")
     table.setup()
     start = table._start
-    table.rows = {"t0": {"state": DONE, "step": 100, "val/ari": 0.3, "val/mbo": 0.1},
-                  "t1": {"state": RUNNING, "step": 50, "val/ari": 0.3, "val/mbo": 0.2}}
+    trial = SimpleNamespace(trial_id="t0", config={})
+    for step, ari in ((50, 0.3), (100, 0.1)):  # t0 peaked at step 50
+        table.on_trial_result(0, [], trial, {"step": step, "val/ari": ari, "val/mbo": 0.1})
+    table.rows["t0"]["state"] = DONE
+    table.rows["t1"] = {"state": RUNNING, "step": 50, "val/ari": 0.3, "val/mbo": 0.2}
     line = table.headline(now=start + 60)
     assert line.startswith("1 finished, 1 running, 2 pending of 4 planned")
-    assert "best so far t1 val/ari=0.3" in line  # tie on val/ari, t1 wins on val/mbo
+    assert "best so far t1 val/ari=0.3 (step 50)" in line  # ties t0's best, wins on val/mbo
+    table.rows["t1"]["val/mbo"] = 0.05
+    assert "best so far t0 val/ari=0.3 (step 50)" in table.headline(now=start + 60)  # t0's best
     assert "elapsed 1m00s" in line
     assert "ETA ~1m40s" in line  # 150 of 400 steps in 60 s: 250 more take 100 s
     assert duration(42) == "42s" and duration(3725) == "1h02m"
