@@ -1,5 +1,5 @@
 """After a sweep: find it, reach its MLflow store, promote its best checkpoint to the Model
-Registry (``slotsweep promote``), and the MLflow model that serves a checkpoint."""
+Registry (``slotsweep promote``) as the MLflow model of orchestrator/slot_model.py."""
 
 from __future__ import annotations
 
@@ -51,36 +51,8 @@ from orchestrator.mlflow_server import (
 )
 
 CORE_DIR = PROJECT_DIR / "core"
+MODEL_CODE = Path(__file__).with_name("slot_model.py")  # the served model, logged as code
 OUTPUT_KEYS = ("slots", "masks", "attn_masks")
-
-
-class SlotModelWrapper(mlflow.pyfunc.PythonModel):
-    """An MLflow pyfunc model: a clip (B, T, 3, H, W) float32, normalised like training, in;
-    ``slots`` (B, T, K, D), ``masks`` (B, T, K, h, w) (decoder alpha masks) and ``attn_masks``
-    (slot attention) out, as numpy arrays."""
-
-    def load_context(self, context: Any) -> None:
-        from core.config import load_config
-        from core.models.build import build_model
-
-        # the architecture only: every weight, the backbone's too, comes from the state dict
-        cfg = load_config(context.artifacts["config"], ["model.encoder.backbone.weights=random"])
-        self.model = build_model(cfg).eval()
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-
-    # model_input: np.ndarray is the hint MLflow infers no schema from (the logged signature
-    # checks the input): no validation by hints, and no "add type hints" warning at import.
-    def predict(self, context, model_input: np.ndarray, params=None):
-        video = torch.as_tensor(np.asarray(model_input), dtype=torch.float32)
-        with torch.no_grad():
-            out = self.model({"video": video})
-        h, w = self.model.grid_size
-        return {
-            "slots": out["slots"].numpy(),
-            "masks": out["decoder_masks"].unflatten(-1, (h, w)).numpy(),
-            "attn_masks": out["attn_masks"].unflatten(-1, (h, w)).numpy(),
-        }
 
 
 def find_sweep_dir(sweep: str | Path) -> tuple[Path, dict[str, Any] | None]:
@@ -263,7 +235,7 @@ def _register(client: Any, uri: str, name: str, chosen: dict[str, Any]) -> str:
             torch.save(state, weights)
             config.write_text(config_to_yaml(cfg))
             mlflow.pyfunc.log_model(
-                name=title, model_id=model.model_id, python_model=SlotModelWrapper(),
+                name=title, model_id=model.model_id, python_model=str(MODEL_CODE),
                 artifacts={"weights": str(weights), "config": str(config)},
                 code_paths=[str(CORE_DIR)], signature=_signature(cfg),
                 input_example=np.zeros((2, cfg.dataset.ep_length, 3, cfg.dataset.img_size,
@@ -275,9 +247,15 @@ def _register(client: Any, uri: str, name: str, chosen: dict[str, Any]) -> str:
         client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         raise
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    with _fluent_uri(uri):
-        version = mlflow.register_model(f"models:/{model.model_id}", name,
-                                        await_registration_for=60)
+    # the client's calls, not mlflow.register_model, which prints "Successfully registered
+    # model" / "Created version" to stderr; slotsweep says what it registered in one line
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(name, source=f"models:/{model.model_id}",
+                                          model_id=model.model_id, await_creation_for=60)
     return str(version.version)
 
 
