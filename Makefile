@@ -9,14 +9,17 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@echo "installing slotsweep and its dependencies into $(VENV) (about 3 minutes; pip's lines follow)"
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-# The quickstart sweep: 4 tiny trials, 2 at a time, on a CPU (~1 minute after installing).
+# The quickstart sweep: 4 tiny trials, 2 at a time, on a CPU (~1 minute after installing),
+# exactly `slotsweep sweep quickstart`: runs/sweeps/quickstart, promoted as `quickstart`. A
+# sweep's name is its folder and is never reused: again with `make demo NAME=quickstart-2`.
 demo: $(STAMP)
-	$(BIN)/slotsweep sweep sweeps/quickstart.yaml name=quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/slotsweep sweep quickstart $(if $(NAME),name=$(NAME))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
