@@ -239,8 +239,14 @@ def add_cache_features(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------------- data
 def _make_data(args: argparse.Namespace) -> int:
-    from core.data.synthetic import SyntheticSpec, write_synthetic_dataset
+    from core.data.synthetic import SyntheticSpec, _is_synthetic_dataset, write_synthetic_dataset
 
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and _is_synthetic_dataset(out):
+        if not args.force:
+            raise SlotsweepError(f"{out} already holds a generated dataset: add --force to "
+                                 "replace it, or pick another --out")
+        print(f"replacing the generated dataset in {out} (--force)", file=sys.stderr)
     try:
         spec = SyntheticSpec.from_options(args)
         last = [-1]
@@ -256,7 +262,7 @@ def _make_data(args: argparse.Namespace) -> int:
                                           image_format=args.image_format, progress=progress)
     except (ValueError, FileExistsError) as exc:
         raise SlotsweepError(str(exc)) from None
-    out = Path(args.out).resolve()
+    out = out.resolve()
     print(f"wrote {summary['n_train']} train + {summary['n_val']} val videos "
           f"({args.frames} frames, {args.size}x{args.size}) to {out}")
     print(f"use it with: --data-dir {out}   (or dataset.json_dir={out}/json "
@@ -270,7 +276,10 @@ def add_make_data(sub: argparse._SubParsersAction) -> None:
     syn = make_sub.add_parser(
         "synthetic", help="moving disks/squares/triangles (and digits) with instance masks"
     )
-    syn.add_argument("--out", required=True, help="output directory (empty or a previous one)")
+    syn.add_argument("--out", required=True,
+                     help="output directory: empty, or a generated dataset with --force")
+    syn.add_argument("--force", action="store_true",
+                     help="replace the generated dataset already in --out")
     syn.add_argument("--videos", type=int, default=64, help="number of videos (train + val)")
     syn.add_argument("--frames", type=int, default=8, help="frames per video")
     syn.add_argument("--size", type=int, default=64, help="frame height and width in pixels")

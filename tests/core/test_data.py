@@ -289,6 +289,14 @@ def test_cli_make_data_then_check_data(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train: 3 videos, 9 frames, with masks" in printed
     assert "val: 1 videos, 3 frames, with masks, 1 fixed clips" in printed
+    assert main(argv) == 2  # a second time: refused, nothing replaced
+    err = capsys.readouterr().err.strip()
+    assert err == (f"slotsweep: error: {out} already holds a generated dataset: add --force to "
+                   "replace it, or pick another --out")
+    assert main([*argv, "--videos", "6", "--force"]) == 0
+    captured = capsys.readouterr()
+    assert f"replacing the generated dataset in {out}" in captured.err
+    assert "wrote 4 train + 2 val videos" in captured.out
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
