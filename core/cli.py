@@ -240,6 +240,7 @@ def add_cache_features(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------- data
 def _make_data(args: argparse.Namespace) -> int:
     from core.data.synthetic import SyntheticSpec, _is_synthetic_dataset, write_synthetic_dataset
+    from core.text import Progress
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and _is_synthetic_dataset(out):
@@ -249,17 +250,11 @@ def _make_data(args: argparse.Namespace) -> int:
         print(f"replacing the generated dataset in {out} (--force)", file=sys.stderr)
     try:
         spec = SyntheticSpec.from_options(args)
-        last = [-1]
-
-        def progress(done: int, total: int) -> None:
-            step = max(1, total // 10)
-            if total >= 50 and (done == total or done // step != last[0]):
-                last[0] = done // step
-                print(f"  {done}/{total} videos", file=sys.stderr)
-
-        summary = write_synthetic_dataset(args.out, args.videos, spec, seed=args.seed,
-                                          val_fraction=args.val_fraction,
-                                          image_format=args.image_format, progress=progress)
+        with Progress("generating videos", args.videos, "videos") as bar:
+            summary = write_synthetic_dataset(
+                args.out, args.videos, spec, seed=args.seed, val_fraction=args.val_fraction,
+                image_format=args.image_format,
+                progress=lambda done, total: bar.update(done - bar.done))
     except (ValueError, FileExistsError) as exc:
         raise SlotsweepError(str(exc)) from None
     out = out.resolve()

@@ -71,16 +71,19 @@ def extract_features(checkpoint: str | Path, output_dir: str | Path,
     ``objects`` (each clip's video's object attributes, when the index has them) and the config.
     """
     from core.config import config_to_yaml
+    from core.text import Progress
 
     cfg, module = load_trained(checkpoint)
     records, loader, _ = _clips(cfg, data_dir, split, batch_size)
     slots, ids, starts = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), Progress(f"extracting slots ({split})", len(loader.dataset),
+                                   "clips") as bar:
         for batch in loader:
             out = module.model({"video": batch["video"]})
             slots.append(out["slots"].float())
             ids += [records[i].id for i in batch["video_index"].tolist()]
             starts += batch["start"].tolist()
+            bar.update(len(batch["start"]))
     objects = {r.id: r.objects for r in records}
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -34,3 +34,38 @@ def test_tools_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["visualize", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is corrupt" in err and "\n" not in err
+
+
+def test_long_work_shows_counts_rate_and_eta_off_a_terminal_and_nothing_when_short():
+    import io
+    import re
+
+    from core.text import Progress
+
+    out = io.StringIO()
+    with Progress("building feature cache", 1000, "frames", stream=out, every_s=10.0,
+                  after_s=3.0, tty=False) as bar:
+        bar.update(100)  # within the first 3 s: silent
+        assert out.getvalue() == ""
+        bar.start -= 20.0  # 20 s in, 320 frames done
+        bar.update(220)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("building feature cache: 320/1000 frames (32%) · 16 frames/s")
+    assert re.search(r"ETA 4[23]s$", lines[0]), lines[0]  # 680 frames more at 16/s
+    assert lines[-1].startswith("building feature cache: 320/1000")
+    quick = io.StringIO()
+    with Progress("x", 10, "videos", stream=quick, tty=False) as bar:
+        bar.update(10)
+    assert quick.getvalue() == ""  # short work prints nothing
+
+
+def test_long_work_on_a_terminal_is_tqdms_live_bar():
+    import io
+
+    from core.text import Progress
+
+    out = io.StringIO()
+    with Progress("generating videos", 8, "videos", stream=out, after_s=0.0, tty=True) as bar:
+        bar.update(4)
+        assert bar._bar is not None  # redrawn in place (\r), at most every 0.1 s
+        assert out.getvalue().startswith("\rgenerating videos:") and "/8 [" in out.getvalue()

@@ -22,6 +22,7 @@ import torch
 from filelock import FileLock
 
 from core.data.config import FeatureCacheConfig
+from core.data.datamodule import usable_workers
 from core.data.feature_cache.key import (
     FORMAT,
     MANIFEST,
@@ -35,6 +36,7 @@ from core.data.feature_cache.key import (
 from core.data.feature_cache.reader import FeatureCache, open_cache
 from core.data.layout import write_json
 from core.hashing import file_digest
+from core.text import Progress
 
 COLUMN = "features"  # the one column of every shard
 
@@ -112,23 +114,24 @@ def _build(folder: Path, encoder: torch.nn.Module, dataset: Any,
     rows_per_shard = max(1, int(shard_mb * 2**20) // (P * F * 2))
     manifest: dict[str, Any] = {"format": FORMAT, "complete": False, "key_inputs": inputs,
                                 "shape": [P, F], "splits": {}, "created": time.time()}
-    start, done = time.time(), 0
+    start = time.time()
     total = sum(len(r) for records in splits.values() for r in records)
+    bar = Progress("building feature cache", total, "frames")
     for split, records in splits.items():
         loader = torch.utils.data.DataLoader(
             _Frames(records, dataset, normalization), batch_size=batch_frames,
-            shuffle=False, num_workers=dataset.num_workers, pin_memory=device.type == "cuda")
+            shuffle=False, num_workers=usable_workers(dataset.num_workers),
+            pin_memory=device.type == "cuda")
         writer = _ShardWriter(folder, split, (P, F), rows_per_shard)
         with torch.inference_mode():
             for frames in loader:
                 feats = encoder(frames.to(device, non_blocking=True)).to(dtype)
                 bits = feats.reshape(len(frames), -1).view(torch.int16).cpu().numpy()
                 writer.add(bits.view(np.uint16))
-                done += len(frames)
-                if done % (batch_frames * 50) < len(frames):
-                    log(f"  {done}/{total} frames ({done / (time.time() - start):.0f}/s)")
+                bar.update(len(frames))
         writer.flush()
         manifest["splits"][split] = {"videos": [len(r) for r in records], "shards": writer.shards}
+    bar.close()
     manifest.update(complete=True, seconds=round(time.time() - start, 2))
     write_json(folder / MANIFEST, manifest)
 
