@@ -15,6 +15,7 @@ import jinja2
 
 from core.errors import SlotsweepError, one_line
 from core.names import METRIC_ARI, METRIC_MBO, REPORT_HTML
+from core.text import Progress
 from core.training.selection import selection_key
 from dashboards import analysis, figures
 from dashboards.data import SweepData, collect
@@ -67,24 +68,26 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
     shown, diagnostics, errors = [], [], []
     diag_by_trial: dict[str, dict[str, Any]] = {}
     if masks:
-        for rank, t in enumerate(ranked):
-            try:
-                got = trial_masks(t, data_dir)
-            except (SlotsweepError, OSError) as exc:
-                errors.append(f"masks of trial {t.trial_id}: {one_line(exc, 200)}")
-                continue
-            if got is None:
-                continue
-            diag_by_trial[t.trial_id] = got["diagnostics"]
-            diagnostics.append({"trial_id": t.trial_id, "d": got["diagnostics"],
-                                "areas": "  ".join(f"{a:.0%}" for a in got["diagnostics"]["area"])})
-            if rank < top_k and t.metrics:
-                score = t.metrics.get(data.metric)
-                shown.append({"trial_id": t.trial_id, "png": got["png"],
-                              "caption": f"#{rank + 1} trial {t.trial_id} at step {t.step}: "
-                                         f"{data.metric}={fmt(score)}; " + ", ".join(
-                                  f"{data.labels[k]}={fmt(t.sampled.get(k))}"
-                                  for k in data.search)})
+        with Progress("slot masks", len(ranked), "trials") as bar:
+            for rank, t in enumerate(ranked):
+                bar.update()
+                try:
+                    got = trial_masks(t, data_dir)
+                except (SlotsweepError, OSError) as exc:
+                    errors.append(f"masks of trial {t.trial_id}: {one_line(exc, 200)}")
+                    continue
+                if got is None:
+                    continue
+                d = diag_by_trial[t.trial_id] = got["diagnostics"]
+                diagnostics.append({"trial_id": t.trial_id, "d": d,
+                                    "areas": "  ".join(f"{a:.0%}" for a in d["area"])})
+                if rank < top_k and t.metrics:
+                    score = t.metrics.get(data.metric)
+                    shown.append({"trial_id": t.trial_id, "png": got["png"],
+                                  "caption": f"#{rank + 1} trial {t.trial_id} at step {t.step}: "
+                                             f"{data.metric}={fmt(score)}; " + ", ".join(
+                                      f"{data.labels[k]}={fmt(t.sampled.get(k))}"
+                                      for k in data.search)})
     rows = []
     for rank, t in enumerate(ranked, start=1):
         d = diag_by_trial.get(t.trial_id)
