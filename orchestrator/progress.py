@@ -136,9 +136,9 @@ class ProgressTable(Callback):
                         **info: Any) -> None:
         LIFECYCLE["live"].add(trial.trial_id)
         row = self._row(trial)
-        row.update({k: result[k] for k in ("step", *self.metrics) if k in result})
-        metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
         latest = {k: result[k] for k in ("step", *self.metrics) if k in result}
+        row.update(latest)
+        metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
         if result.get(metric) is not None and (row.get("best") is None or selection_key(
                 latest, metric, self.mode, tie) > selection_key(row["best"], metric, self.mode,
                                                                tie)):
