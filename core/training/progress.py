@@ -1,7 +1,8 @@
 """Training progress when no live bar can be drawn (output to a file, CI, a cluster's log): a
 plain line every ``every_s`` seconds and after a validation (at most one per 5 s), telling what
 a researcher checks on a long run: where it is, how fast it goes, when it ends, the loss, the
-last validation, and where its checkpoints go. On a terminal Lightning's live bar does this."""
+last validation, and where its checkpoints go; on a terminal, a live bar over the whole run
+(StepBar) tells the same."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from core.names import METRIC_ARI, METRIC_MBO, TRAIN_LOSS
 from core.text import duration
@@ -83,3 +85,37 @@ class ProgressLines(pl.Callback):
             if shown:
                 parts.append(f"{shown} (step {at})")
         return " · ".join(parts)
+
+
+class StepBar(TQDMProgressBar):
+    """Lightning's live bar on a terminal, counting the whole run (``step N/max_steps``, steps/s,
+    ETA to the end) instead of one epoch (short epochs restart it every few seconds), with
+    train/loss and the last val/ari and val/mbo beside it and the checkpoints' folder printed
+    above it once."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        super().__init__()
+        self.checkpoints = checkpoints
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.write(f"training to step {trainer.max_steps} (from "
+                                      f"{trainer.global_step}); checkpoints in {self.checkpoints}")
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.unit = " steps"
+        self.train_progress_bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Kept across epochs (Lightning's own resets the bar to the epoch's batches)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(step, bar.total):
+            bar.n = step
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -131,6 +131,10 @@ def build_trainer(cfg: Config, run_dir: Path, datamodule: Any, callbacks: Sequen
         from core.training.progress import ProgressLines
 
         others.append(ProgressLines(run_dir / CHECKPOINTS_DIRNAME))
+    elif bar:
+        from core.training.progress import StepBar
+
+        others.append(StepBar(run_dir / CHECKPOINTS_DIRNAME))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator,

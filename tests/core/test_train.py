@@ -461,7 +461,7 @@ def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypa
     import io
     from types import SimpleNamespace
 
-    from core.training.progress import ProgressLines
+    from core.training.progress import ProgressLines, StepBar
     from core.training.trainer import build_trainer
 
     cfg = load_config("tiny", ["trainer.max_steps=4"])
@@ -470,7 +470,7 @@ def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypa
         monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
         trainer, _ = build_trainer(cfg, Path("run"), data, [], precision="32")
         lines = [c for c in trainer.callbacks if isinstance(c, ProgressLines)]
-        assert (trainer.progress_bar_callback is not None) == tty and bool(lines) != tty
+        assert isinstance(trainer.progress_bar_callback, StepBar) == tty and bool(lines) != tty
     trainer, _ = build_trainer(cfg, Path("run"), data, [], precision="32", progress_bar=False)
     assert trainer.progress_bar_callback is None  # a sweep's trial: neither
     assert not [c for c in trainer.callbacks if isinstance(c, ProgressLines)]
@@ -487,3 +487,14 @@ def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypa
     last = out.getvalue().strip().splitlines()[-1]
     assert last.startswith("step 100/600 (17%) · 2.5 steps/s · ETA 3m20s"), last
     assert "train/loss 0.8313" in last and "val/ari 0.2134  val/mbo 0.18 (step 100)" in last
+
+
+def test_the_live_bar_counts_the_whole_run_with_loss_and_validation(tmp_path, capsys):
+    """On a terminal: one bar over all max_steps (not one epoch), steps/s, ETA, train/loss and
+    the last val/ari and val/mbo, under a line naming the checkpoints' folder."""
+    cfg = load_config("tiny", [*FAST, "trainer.max_steps=6", "trainer.val_check_interval=3"])
+    train(cfg, run_dir=tmp_path / "run", progress_bar=True)
+    out = capsys.readouterr().out.replace("\r", "\n")
+    assert f"training to step 6 (from 0); checkpoints in {tmp_path / 'run' / 'checkpoints'}" in out
+    last = [ln for ln in out.splitlines() if ln.startswith("step:") and "6/6" in ln][-1]
+    assert "steps/s" in last and "train/loss=" in last and "val/ari=" in last, last
