@@ -18,6 +18,19 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def pace(done: int, left: int, took: float, unit: str) -> list[str]:
+    """``["45.1 frames/s", "ETA 15s"]``: the rate of ``done`` units in ``took`` seconds and the
+    time the ``left`` units still to do take at that rate; nothing before a first unit, and no
+    ETA when none is left."""
+    if done <= 0 or took <= 0:
+        return []
+    rate = done / took
+    parts = [f"{rate:.3g} {unit}/s"]
+    if left > 0:
+        parts.append(f"ETA {duration(left / rate)}")
+    return parts
+
+
 class Progress:
     """Work counted against a known total: silent for the first ``after_s`` seconds (short work
     shows nothing), then tqdm's live bar on a terminal, or elsewhere (a file, CI) a plain line
@@ -43,11 +56,7 @@ class Progress:
         took = (time.monotonic() if now is None else now) - self.start
         parts = [f"{self.what}: {self.done}/{self.total} {self.unit} "
                  f"({100 * self.done / max(self.total, 1):.0f}%)"]
-        if self.done and took > 0:
-            rate = self.done / took
-            parts.append(f"{rate:.3g} {self.unit}/s")
-            if self.total > self.done:
-                parts.append(f"ETA {duration((self.total - self.done) / rate)}")
+        parts += pace(self.done, self.total - self.done, took, self.unit)
         return " · ".join(parts)
 
     def update(self, n: int = 1) -> None:
@@ -74,3 +83,13 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain left-aligned text table: headers, a rule of dashes, the rows."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)

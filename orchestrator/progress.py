@@ -9,23 +9,13 @@ from typing import Any
 from ray.tune import Callback
 
 from core.names import short_names
-from core.text import duration
+from core.text import duration, format_table
 from core.training.selection import selection_key
 from orchestrator.trial import STATUS_KEY
 
 PENDING, RUNNING, DONE, FAILED, DIVERGED, STOPPED = (
     "PENDING", "RUNNING", "DONE", "FAILED", "DIVERGED", "STOPPED")
 INTERRUPTED = "INTERRUPTED"  # running when the sweep was stopped; --resume continues it
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain left-aligned text table."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 def fmt(value: Any) -> str:
@@ -68,6 +58,11 @@ class ProgressTable(Callback):
         self._start = time.monotonic()
         self._base_steps = 0
 
+    @property
+    def _ranking(self) -> tuple[str, str | None]:
+        """The metric trials are ranked by and the one that breaks its ties (if any)."""
+        return self.metrics[0], (self.metrics[1:] or [None])[0]
+
     def setup(self, **info: Any) -> None:
         """At the start of every fit(), a resumed one too (its rows unpickled with it)."""
         self._start, self._base_steps = time.monotonic(), self._steps()
@@ -85,7 +80,7 @@ class ProgressTable(Callback):
         planned = max(self.planned, len(states))
         parts = [f"{ended} finished, {running} running, {planned - ended - running} pending "
                  f"of {planned} planned"]
-        metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
+        metric, tie = self._ranking
         # each trial at its best reported step (the final table's rule), not its latest
         scored = {t: r.get("best") or r for t, r in self.rows.items()}
         scored = {t: r for t, r in scored.items() if r.get(metric) is not None}
@@ -138,7 +133,7 @@ class ProgressTable(Callback):
         row = self._row(trial)
         latest = {k: result[k] for k in ("step", *self.metrics) if k in result}
         row.update(latest)
-        metric, tie = self.metrics[0], (self.metrics[1:] or [None])[0]
+        metric, tie = self._ranking
         if result.get(metric) is not None and (row.get("best") is None or selection_key(
                 latest, metric, self.mode, tie) > selection_key(row["best"], metric, self.mode,
                                                                tie)):

@@ -31,10 +31,14 @@ class _DropNotice(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+def _add_once(logger: logging.Logger, new: logging.Filter) -> None:
+    """Adds ``new`` to ``logger`` unless an equal filter (same class, same settings) is there."""
+    if not any(isinstance(f, type(new)) and vars(f) == vars(new) for f in logger.filters):
+        logger.addFilter(new)
+
+
 def _drop(logger: str, prefix: str) -> None:
-    target = logging.getLogger(logger)
-    if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in target.filters):
-        target.addFilter(_DropNotice(prefix))
+    _add_once(logging.getLogger(logger), _DropNotice(prefix))
 
 
 def quiet_ray() -> None:
@@ -50,6 +54,4 @@ def quiet_ray() -> None:
     # Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after Ctrl-C is
     # Python for a Tune user; the sweep prints its own command line to finish it (--resume)
     _drop("ray.tune.tune", "Experiment has been interrupted")
-    controller = logging.getLogger("ray.tune.execution.tune_controller")
-    if not any(isinstance(f, _OneLineTrialFailure) for f in controller.filters):
-        controller.addFilter(_OneLineTrialFailure())
+    _add_once(logging.getLogger("ray.tune.execution.tune_controller"), _OneLineTrialFailure())

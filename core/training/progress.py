@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from core.names import METRIC_ARI, METRIC_MBO, TRAIN_LOSS
-from core.text import duration
+from core.text import pace
 
 EVERY_S = 30.0
 VAL_GAP_S = 5.0  # a validation's line waits this long after the last line (tiny runs validate
@@ -69,12 +69,7 @@ class ProgressLines(pl.Callback):
         self._last = now
         step, total = trainer.global_step, trainer.max_steps
         parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
-        done, took = step - self._s0, now - self._t0
-        if done > 0 and took > 0:
-            rate = done / took
-            parts.append(f"{rate:.3g} steps/s")
-            if total > step:
-                parts.append(f"ETA {duration((total - step) / rate)}")
+        parts += pace(step - self._s0, total - step, now - self._t0, "steps")
         loss = _value(trainer.callback_metrics, TRAIN_LOSS)
         if loss is not None:
             parts.append(f"{TRAIN_LOSS} {loss:.4g}")

@@ -108,7 +108,7 @@ class _ShardWriter:
 def _build(folder: Path, encoder: torch.nn.Module, dataset: Any,
            splits: dict[str, Sequence[Any]], inputs: dict[str, Any],
            normalization: tuple[Sequence[float], Sequence[float]], shard_mb: float,
-           device: torch.device, batch_frames: int, log: Callable[[str], None]) -> None:
+           device: torch.device, batch_frames: int) -> None:
     dtype = stored_dtype(inputs["dtype"])
     P, F = int(encoder.n_patches), int(encoder.feat_dim)
     rows_per_shard = max(1, int(shard_mb * 2**20) // (P * F * 2))
@@ -194,7 +194,7 @@ def ensure_cache(encoder: Any, dataset: Any, splits: dict[str, Sequence[Any]],
             try:
                 encoder.to(device).eval()
                 _build(tmp, encoder, dataset, splits, inputs, normalization, cfg.shard_mb, device,
-                       batch_frames, log)
+                       batch_frames)
                 os.replace(tmp, path)
             finally:
                 encoder.to(previous[1]).train(previous[0])
