@@ -54,7 +54,7 @@ def parse_args(
 # Folders every command may be given, by argparse destination: written to, or read (a dataset).
 WRITTEN_DIRS = {"log_dir": "--log-dir", "output_dir": "--output-dir", "out": "--out"}
 READ_DIRS = {"data_dir": "--data-dir", "json_dir": "--json-dir", "img_dir": "--img-dir",
-             "mask_dir": "--mask-dir"}
+             "mask_dir": "--mask-dir", "images": "--images"}
 
 
 def check_dirs(args: argparse.Namespace) -> None:
@@ -159,11 +159,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 # ------------------------------------------------------------- tools on a trained checkpoint
 def _extract(args: argparse.Namespace) -> int:
-    from core.tools import extract_features
+    from core.downstream.features import extract_features
 
     path = extract_features(args.checkpoint, args.output_dir, data_dir=args.data_dir,
-                            split=args.split, batch_size=args.batch_size)
-    print(f"wrote {path} (slots of every {args.split} clip; index in {path.with_suffix('.json')})")
+                            split=args.split, batch_size=args.batch_size, images=args.images)
+    what = f"image in {args.images}" if args.images else f"{args.split} clip"
+    print(f"wrote {path} (slots of every {what}, with the baselines' features and the objects "
+          f"matched to slots; summary in {path.with_suffix('.json')})")
     return 0
 
 
@@ -172,6 +174,8 @@ def add_extract_features(sub: argparse._SubParsersAction) -> None:
                          help="slots of every clip of a split, from a trained checkpoint")
     ext.add_argument("--checkpoint", required=True)
     ext.add_argument("--data-dir", default=None, help="dataset root (default: the training's)")
+    ext.add_argument("--images", default=None, help="instead: a labelled image set "
+                     "ROOT/<category>/*.jpg, each image a one-frame clip (writes images.pt)")
     ext.add_argument("--output-dir", default="features")
     ext.add_argument("--split", default="val")
     ext.add_argument("--batch-size", type=int, default=None)
@@ -239,11 +243,11 @@ def add_cache_features(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------------- data
 def _make_data(args: argparse.Namespace) -> int:
-    from core.data.synthetic import SyntheticSpec, _is_synthetic_dataset, write_synthetic_dataset
+    from core.data.synthetic import SyntheticSpec, is_synthetic_dataset, write_synthetic_dataset
     from core.text import Progress
 
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and _is_synthetic_dataset(out):
+    if out.is_dir() and any(out.iterdir()) and is_synthetic_dataset(out):
         if not args.force:
             raise SlotsweepError(f"{out} already holds a generated dataset: add --force to "
                                  "replace it, or pick another --out")

@@ -16,6 +16,13 @@ METRIC_MBO = "val/mbo"  # video mBO on the validation clips
 VAL_LOSS = "val/loss"
 TRAIN_LOSS = "train/loss"  # the weighted total; each term as train/loss/<name without loss_>
 TRAIN_LR = "train/lr"
+DOWNSTREAM_PREFIX = "downstream"  # downstream/<task>/<metric>: slotsweep evaluate-sweep's numbers
+
+
+def downstream_metric(task: str, metric: str) -> str:
+    """``downstream/linear_probe/accuracy``: a downstream task's number in MLflow and the report."""
+    return f"{DOWNSTREAM_PREFIX}/{task}/{metric}"
+
 
 # ---------------------------------------------------------------- batch keys
 VIDEO_KEY = "video"  # (B, T, 3, H, W) normalised frames
@@ -28,6 +35,7 @@ CHECKPOINTS_DIRNAME = "checkpoints"  # step=N.ckpt, best.ckpt
 BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best step by the selection metric
 BEST_CHECKPOINT_FILE = f"{BEST_CHECKPOINT}.ckpt"
 BEST_JSON = "best.json"  # the best step's metrics (a run's, or a sweep's best trial)
+DOWNSTREAM_JSON = "downstream.json"  # a sweep's downstream numbers, per task and trial
 REPORT_HTML = "report.html"  # a sweep's report, in its folder and as its run's artifact
 LAST_CHECKPOINT = "last.ckpt"  # a trial's newest checkpoint, handed to Ray Tune
 METRICS_KEY = "slotsweep_metrics"  # in a checkpoint: {"step": N, "metrics": {...}} logged at N

@@ -1,16 +1,15 @@
 """Tools on a trained checkpoint, and the feature cache of a config, with ``core`` alone
 (their commands are in ``core.cli``):
 
-    slotsweep extract-features --checkpoint CKPT --data-dir D --output-dir ./features
     slotsweep visualize --checkpoint CKPT [--data-dir D] [--output-dir O] [--clips 4]
     slotsweep cache-features CONFIG [key=value ...] [--data-dir D] [--verify]
 
-The first two read the resolved config stored inside the checkpoint, so they need nothing else.
+``visualize`` reads the resolved config stored inside the checkpoint, so it needs nothing else
+(``extract-features`` and the downstream tasks are in :mod:`core.downstream`).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -60,41 +59,6 @@ def _clips(cfg: Any, data_dir: str | Path | None, split: str, batch_size: int | 
                         val_clips=dataset.val_clips, resize=dataset.resize)
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size or dataset.batch_size)
     return records, loader, (mean, std)
-
-
-def extract_features(checkpoint: str | Path, output_dir: str | Path,
-                     data_dir: str | Path | None = None, split: str = "val",
-                     batch_size: int | None = None) -> Path:
-    """Slots of every fixed clip of ``split`` -> ``<output_dir>/<split>.pt``.
-
-    The file holds ``slots`` (N, T, K, D) float32, ``video_ids`` and ``starts`` (which clip),
-    ``objects`` (each clip's video's object attributes, when the index has them) and the config.
-    """
-    from core.config import config_to_yaml
-    from core.text import Progress
-
-    cfg, module = load_trained(checkpoint)
-    records, loader, _ = _clips(cfg, data_dir, split, batch_size)
-    slots, ids, starts = [], [], []
-    with torch.no_grad(), Progress(f"extracting slots ({split})", len(loader.dataset),
-                                   "clips") as bar:
-        for batch in loader:
-            out = module.model({"video": batch["video"]})
-            slots.append(out["slots"].float())
-            ids += [records[i].id for i in batch["video_index"].tolist()]
-            starts += batch["start"].tolist()
-            bar.update(len(batch["start"]))
-    objects = {r.id: r.objects for r in records}
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{split}.pt"
-    torch.save({"slots": torch.cat(slots), "video_ids": ids, "starts": starts,
-                "objects": [objects[i] for i in ids], "checkpoint": str(checkpoint),
-                "config": config_to_yaml(cfg)}, path)
-    (output / f"{split}.json").write_text(json.dumps(
-        {"clips": len(ids), "slots_shape": list(torch.cat(slots).shape), "split": split,
-         "checkpoint": str(checkpoint)}, indent=1))
-    return path
 
 
 def predict_masks(checkpoint: str | Path, data_dir: str | Path | None = None, clips: int = 4,

@@ -18,6 +18,7 @@ from core.names import (
     BEST_CHECKPOINT_FILE,
     BEST_JSON,
     CHECKPOINTS_DIRNAME,
+    DOWNSTREAM_JSON,
     METRIC_ARI,
     METRIC_MBO,
     TAG_KIND,
@@ -26,6 +27,7 @@ from core.names import (
     TAG_SWEEP,
     VERSION_SWEEP,
     VERSION_TRIAL,
+    downstream_metric,
     short_names,
 )
 from core.training.selection import selection_key
@@ -74,6 +76,8 @@ class SweepData:
     ui_uri: str | None  # where a browser reaches MLflow (links), or None
     experiment_id: str | None
     parent_run_id: str | None
+    # slotsweep evaluate-sweep's numbers: task -> {label, headline, trials: {id: {metrics}}}
+    downstream: dict[str, Any] = field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -134,6 +138,7 @@ def collect(sweep_dir: Path, client: Any | None, ui_uri: str | None = None,
         mlflow.update(_sweep_run(client, spec.mlflow.experiment, spec.name))
     keys = [k for k in dict.fromkeys((spec.select.metric, spec.select.tie_break, *CURVES)) if k]
     statuses = _statuses(client, mlflow.get("experiment_id"), mlflow.get("parent_run_id"))
+    downstream = _downstream(sweep_dir)
     trials = []
     for info_path in sorted((sweep_dir / RUN_DIRNAME).glob(f"*/{TRIAL_JSON}")):
         info = json.loads(info_path.read_text())
@@ -158,6 +163,11 @@ def collect(sweep_dir: Path, client: Any | None, ui_uri: str | None = None,
             trial.error = kept.get("error")
         best = run_dir / CHECKPOINTS_DIRNAME / BEST_CHECKPOINT_FILE
         trial.checkpoint = best if best.is_file() else None
+        for task, done in downstream.items():  # its headline number beside val/ari
+            got = done["trials"].get(trial.trial_id)
+            if got is not None and done["headline"] in got["metrics"]:
+                trial.metrics[downstream_metric(task, done["headline"])] = \
+                    got["metrics"][done["headline"]]
         trials.append(trial)
     trials.sort(key=lambda t: (t.index if t.index is not None else 1 << 30, t.trial_id))
     data = SweepData(
@@ -168,10 +178,21 @@ def collect(sweep_dir: Path, client: Any | None, ui_uri: str | None = None,
         else _leader(trials, spec.select.metric, spec.select.mode, spec.select.tie_break),
         tracking_uri=mlflow.get("tracking_uri"), ui_uri=ui_uri,
         experiment_id=mlflow.get("experiment_id"), parent_run_id=mlflow.get("parent_run_id"),
+        downstream=downstream,
     )
     if client is not None:
         _lineage(data, client)
     return data
+
+
+def _downstream(sweep_dir: Path) -> dict[str, Any]:
+    """``<sweep>/downstream.json`` (written by slotsweep evaluate-sweep), or nothing."""
+    path = sweep_dir / DOWNSTREAM_JSON
+    try:
+        found = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}  # half-written by a running evaluate-sweep: the next build shows it
+    return found if isinstance(found, dict) else {}
 
 
 def _sweep_run(client: Any, experiment: str, name: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 
 from core.errors import SlotsweepError, one_line
-from core.names import METRIC_ARI, METRIC_MBO, REPORT_HTML
+from core.names import DOWNSTREAM_PREFIX, METRIC_ARI, METRIC_MBO, REPORT_HTML, downstream_metric
 from core.text import Progress
 from core.training.selection import selection_key
 from dashboards import analysis, figures
@@ -58,6 +58,32 @@ def _status(data: SweepData) -> str:
             f"{max(0, data.planned - len(data.trials))} not started, of {data.planned} planned")
 
 
+def downstream_notes(data: SweepData) -> list[str]:
+    """One line per downstream task under the leaderboard: where its column comes from and what
+    the two baselines scored on the same trials' clips (what the slots add)."""
+    notes = []
+    for task, done in sorted(data.downstream.items()):
+        key = done["headline"]
+        trained = [t["metrics"].get(key) for t in done["trials"].values()]
+        spans = []
+        for name, what in (("untrained", "an untrained slot model"),
+                           ("backbone", "the backbone's mean-pooled features")):
+            values = [t["metrics"][f"{name}/{key}"] for t in done["trials"].values()
+                      if f"{name}/{key}" in t["metrics"]]
+            if values:
+                spans.append(f"{what} {_span(values)}")
+        notes.append(f"{downstream_metric(task, key)}: slotsweep evaluate-sweep {data.name} "
+                     f"--task {task} (label {done['label']!r}, seed {done['seed']}) on each "
+                     f"trial's best checkpoint: {_span([v for v in trained if v is not None])}; "
+                     f"on the same clips {' and '.join(spans)}.")
+    return notes
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return fmt(low) if low == high else f"{fmt(low)} to {fmt(high)}"
+
+
 def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
            masks: bool = True) -> str:
     """The page of ``data``; ``masks``: run the top ``top_k`` trials' models (and every trial's
@@ -65,6 +91,8 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
     ranked = _ranked(data)
     params = [{"key": k, "short": data.labels[k]} for k in data.search]
     others = [m for m in (METRIC_ARI, METRIC_MBO) if m != data.metric]
+    others += sorted({m for t in data.trials for m in t.metrics
+                      if m.startswith(DOWNSTREAM_PREFIX + "/")})
     shown, diagnostics, errors = [], [], []
     diag_by_trial: dict[str, dict[str, Any]] = {}
     if masks:
@@ -121,6 +149,7 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
             "varied."),
         pareto=_html(figures.pareto(data)), curves=_html(figures.curves(data)),
         masks=shown, mask_errors=errors, diagnostics=diagnostics, lineage=lineage,
+        downstream_notes=downstream_notes(data),
         ui_note=None if data.ui_uri else (
             "Run links need a reachable MLflow UI: `slotsweep ui` serves the embedded store."),
     )

@@ -1,6 +1,7 @@
 """The ``slotsweep`` command: core's commands (``core.cli``: train, extract-features, visualize,
-cache-features, make-data, check-data) and the orchestrator's (sweep, submit, promote, rerun,
-ui), each added by its own ``add_<command>(subparsers)``.
+cache-features, make-data, check-data; evaluate and finetune from ``core.downstream``) and the
+orchestrator's (sweep, submit, promote, rerun, ui; evaluate-sweep from
+``orchestrator.downstream``), each added by its own ``add_<command>(subparsers)``.
 
 Every sub-command turns bad input into one line on stderr and exit code 2 (``core.cli.run``).
 Heavy imports (torch, Ray, MLflow) happen inside the commands so ``slotsweep --help`` is instant.
@@ -15,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from core import cli as core_cli
+from core.downstream.cli import add_evaluate
+from core.downstream.finetune import add_finetune
 from core.errors import SlotsweepError
+from orchestrator.downstream import add_evaluate_sweep
 
 
 def sweep_command(args: argparse.Namespace, on_progress: Any = None) -> int:
@@ -147,7 +151,8 @@ def add_ui(sub: argparse._SubParsersAction) -> None:
 COMMANDS = (
     core_cli.add_train, add_sweep, add_submit, add_promote, add_rerun, add_ui,
     core_cli.add_extract_features, core_cli.add_visualize, core_cli.add_cache_features,
-    core_cli.add_make_data, core_cli.add_check_data,
+    core_cli.add_make_data, core_cli.add_check_data, add_evaluate, add_finetune,
+    add_evaluate_sweep,
 )
 
 

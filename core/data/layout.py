@@ -20,6 +20,7 @@ An index file (``<json_dir>/<split>.json``) is::
           "frames": ["video_00000/000000.jpg", ...],   # relative to img_dir, in temporal order
           "masks":  ["video_00000/000000.png", ...],   # optional; relative to mask_dir
           "height": 64, "width": 64,                    # optional, informative
+          "label": "disk",                              # optional category, for downstream tasks
           "objects": [{"id": 1, "shape": "disk", "color": [255, 0, 0], "size": 9.5}, ...]
         }
       ]
@@ -27,7 +28,8 @@ An index file (``<json_dir>/<split>.json``) is::
 
 Masks are single-channel 8-bit PNGs whose pixel value is the instance id (0 = background); an id
 names the same object in every frame of its video. ``objects`` carries per-object attributes
-(shape, colour, size, ...) for later probes; loaders ignore keys they do not know.
+(shape, colour, size, ...) for the object-level probe of ``slotsweep evaluate``; ``label`` is the
+video's category for its clip-level tasks. Loaders ignore keys they do not know.
 """
 
 from __future__ import annotations

@@ -22,8 +22,12 @@ def cache_root() -> Path:
 
 
 def synthetic_dir(spec: SyntheticDataConfig) -> Path:
-    """The cache folder of one generated dataset, named after everything that determines it."""
-    return cache_root() / "data" / f"synthetic-{spec.size}px-{json_digest(asdict(spec), 12)}"
+    """The cache folder of one generated dataset, named after everything that determines it
+    (the generator's version included, so a cache written before labels existed is not read)."""
+    from core.data.synthetic import GENERATOR_VERSION
+
+    digest = json_digest({**asdict(spec), "generator_version": GENERATOR_VERSION}, 12)
+    return cache_root() / "data" / f"synthetic-{spec.size}px-{digest}"
 
 
 def _complete(root: Path) -> bool:

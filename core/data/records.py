@@ -23,12 +23,14 @@ from core.errors import DataError
 
 @dataclass
 class VideoRecord:
-    """One video: its frame files in temporal order and, optionally, one mask per frame."""
+    """One video: its frame files in temporal order and, optionally, one mask per frame, its
+    objects' attributes and its category (``label``, for downstream evaluation)."""
 
     id: str
     frames: list[Path]
     masks: list[Path] | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
+    label: str | None = None
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -85,7 +87,12 @@ def read_index(
                 )
             mask_paths = [masks_root / m for m in masks]
         frames = [frames_root / f for f in entry["frames"]]
-        records.append(VideoRecord(vid, frames, mask_paths, list(entry.get("objects") or [])))
+        label = entry.get("label")
+        if label is not None and not isinstance(label, (str, int)):
+            raise DataError(f"index file {path}: video {vid} has label {label!r}: a label is a "
+                            "category name (a string or an integer)")
+        records.append(VideoRecord(vid, frames, mask_paths, list(entry.get("objects") or []),
+                                   None if label is None else str(label)))
     return records
 
 
@@ -133,6 +140,19 @@ def scan_folders(
             if mask_folder.is_dir():
                 masks = [mask_folder / (f.stem + layout.MASK_SUFFIX) for f in frames]
         records.append(VideoRecord(str(folder.relative_to(root)), frames, masks))
+    return records
+
+
+def scan_labelled_images(root: str | Path) -> list[VideoRecord]:
+    """A labelled image set in category folders, ``ROOT/<category>/*.jpg`` (the layout of the
+    labelled SAYCam frames), as single-frame videos whose ``label`` is their folder's name."""
+    root = _require_dir(root, "labelled image folder", "--images")
+    categories = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
+    records = [VideoRecord(f"{folder.name}/{image.name}", [image], label=folder.name)
+               for folder in categories for image in _image_files(folder)]
+    if not records:
+        raise DataError(f"{root} holds no images in category folders: lay it out as "
+                        "ROOT/<category>/<image>.jpg")
     return records
 
 

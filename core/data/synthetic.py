@@ -6,7 +6,7 @@ depth order. Masks hold persistent instance ids (1..n, 0 = background) and agree
 frames: every pixel of id ``k`` has object ``k``'s colour. ``write_synthetic_dataset`` writes the
 layout described in :mod:`core.data.layout`.
 
-One file of about 360 lines on purpose: the spec, the renderer and the writer are one job (what
+One file of about 375 lines on purpose: the spec, the renderer and the writer are one job (what
 a generated dataset is), and every part reads the same constants.
 """
 
@@ -24,6 +24,8 @@ import numpy as np
 from core.data import layout
 
 GENERATOR_NAME = "slotsweep.synthetic"
+# 2: every video has a ``label`` (:func:`video_label`); cached datasets of version 1 lack it.
+GENERATOR_VERSION = 2
 BASE_SHAPES = ("disk", "square", "triangle")
 DIGIT_SHAPES = tuple(f"digit{d}" for d in range(10))
 KNOWN_SHAPES = BASE_SHAPES + DIGIT_SHAPES
@@ -35,6 +37,8 @@ PALETTE = (
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (255, 105, 180), (0, 128, 128),
     (255, 255, 255),
 )
+COLOR_NAMES = ("red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "lime",
+               "pink", "teal", "white")
 # 5x7 bitmap font, rows top to bottom, "1" = ink.
 _FONT = {
     0: "01110 10001 10011 10101 11001 10001 01110",
@@ -278,7 +282,17 @@ def video_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def _is_synthetic_dataset(out: Path) -> bool:
+def video_label(objects: Sequence[dict[str, Any]]) -> str:
+    """A generated video's category: colour and shape family of its largest object, e.g.
+    ``"red disk"`` ("digit" for any digit): up to 36 categories (48 with digits) that only the
+    main object carries, as a labelled frame of SAYCam names the object in view."""
+    largest = max(objects, key=lambda obj: obj["size"])
+    family = "digit" if largest["shape"] in DIGIT_SHAPES else largest["shape"]
+    return f"{COLOR_NAMES[PALETTE.index(tuple(largest['color']))]} {family}"
+
+
+def is_synthetic_dataset(out: Path) -> bool:
+    """Whether ``out`` holds a dataset this generator wrote (its ``dataset.json`` says so)."""
     try:
         meta = json.loads((out / "dataset.json").read_text())
     except (OSError, ValueError):
@@ -312,7 +326,7 @@ def write_synthetic_dataset(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; pick an empty directory for the dataset")
     if out.is_dir() and any(out.iterdir()):
-        if not _is_synthetic_dataset(out):
+        if not is_synthetic_dataset(out):
             raise FileExistsError(
                 f"{out} is not empty and not a synthetic dataset; pick an empty directory"
             )
@@ -326,6 +340,7 @@ def write_synthetic_dataset(
     n_train = n_videos - n_val
     meta: dict[str, Any] = {
         "generator": GENERATOR_NAME,
+        "version": GENERATOR_VERSION,
         "complete": False,
         "spec": {**asdict(spec), "shapes": list(spec.shapes), "max_speed": spec.speed_px},
         "seed": int(seed),
@@ -354,7 +369,8 @@ def write_synthetic_dataset(
             Image.fromarray(video.frames[t]).save(fdir / frames[t], **save_kw)
             Image.fromarray(video.masks[t]).save(mdir / masks[t])
         entries.append({"id": vid, "frames": frames, "masks": masks, "height": spec.size,
-                        "width": spec.size, "objects": video.objects})
+                        "width": spec.size, "objects": video.objects,
+                        "label": video_label(video.objects)})
         if progress is not None:
             progress(i + 1, n_videos)
     layout.write_index(out / layout.JSON_DIRNAME, layout.TRAIN_SPLIT, entries[:n_train])

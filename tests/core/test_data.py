@@ -355,3 +355,35 @@ def test_loader_processes_are_capped_at_the_cpus_with_one_line(monkeypatch, caps
                    "has CPUs"]
     assert usable_workers(1, say=True) == 1 and usable_workers(0) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_each_generated_video_is_labelled_by_its_largest_object(dataset, copy, tmp_path):
+    from core.data.synthetic import COLOR_NAMES, PALETTE
+
+    records = read_index(dataset / "json", "train", dataset / "frames", dataset / "masks")
+    for record in records:
+        largest = max(record.objects, key=lambda o: o["size"])
+        colour = COLOR_NAMES[PALETTE.index(tuple(largest["color"]))]
+        assert record.label == f"{colour} {largest['shape']}"
+    index = copy / "json" / "train.json"
+    payload = json.loads(index.read_text())
+    payload["videos"][0]["label"] = {"not": "a name"}
+    index.write_text(json.dumps(payload))
+    with pytest.raises(DataError, match="a label is a category name"):
+        read_index(copy / "json", "train", copy / "frames", copy / "masks")
+
+
+def test_a_labelled_image_folder_is_single_frame_videos(tmp_path):
+    from core.data.records import scan_labelled_images
+
+    for category in ("ball", "car"):
+        (tmp_path / "set" / category).mkdir(parents=True)
+        for i in (2, 10):
+            Image.new("RGB", (8, 8)).save(tmp_path / "set" / category / f"f{i}.jpg")
+    records = scan_labelled_images(tmp_path / "set")
+    assert [(r.id, r.label, len(r)) for r in records] == [
+        ("ball/f2.jpg", "ball", 1), ("ball/f10.jpg", "ball", 1), ("car/f2.jpg", "car", 1),
+        ("car/f10.jpg", "car", 1)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"ROOT/<category>/<image>\.jpg"):
+        scan_labelled_images(tmp_path / "empty")

@@ -20,7 +20,7 @@ def test_extract_features_and_visualize(tmp_path, monkeypatch, capsys):
     n = len(data["video_ids"])
     assert n == 2 * 2  # 2 val videos x 2 non-overlapping 2-frame clips of 4 frames
     assert data["slots"].shape == (n, 2, 3, 16)
-    assert data["objects"][0] and "shape" in data["objects"][0][0]
+    assert data["object_rows"] and "shape" in data["object_rows"][0]
     assert main(["visualize", "--checkpoint", ckpt, "--clips", "2"]) == 0
     pngs = sorted((tmp_path / "run" / "visualizations" / "step=2").glob("*.png"))
     assert [p.name for p in pngs] == ["clip00.png", "clip01.png"]

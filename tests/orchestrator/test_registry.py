@@ -271,3 +271,44 @@ def test_choose_on_a_sweep_without_a_scored_trial_is_one_line(tmp_path):
                                         "checkpoint": str(ckpt), "metrics": {}}]}
     with pytest.raises(SlotsweepError, match=r"no trial with a val/ari value: finish it"):
         choose(record, client=None, metric=None, mode=None)
+
+
+def test_evaluate_sweep_logs_downstream_numbers_and_promote_selects_by_them(swept, capsys):
+    server, sweep_dir, record = swept
+    argv = ["evaluate-sweep", str(sweep_dir), "--task", "linear_probe", "--label", "n_objects",
+            "--tracking-uri", server.uri]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "promote by it: slotsweep promote" in out and "--metric downstream/linear_probe/" \
+        "accuracy" in out
+    summary = json.loads((sweep_dir / "downstream.json").read_text())["linear_probe"]
+    client = MlflowClient(server.uri)
+    for trial in record["trials"]:
+        entry = summary["trials"][trial["trial_id"]]
+        assert entry["step"] == trial["step"]
+        history = client.get_metric_history(trial["mlflow_run_id"],
+                                            "downstream/linear_probe/accuracy")
+        assert [(m.step, m.value) for m in history] == [(trial["step"],
+                                                         entry["metrics"]["accuracy"])]
+        assert "downstream/linear_probe/backbone/accuracy" in \
+            client.get_run(trial["mlflow_run_id"]).data.metrics
+        features = Path(trial["run_dir"]) / "downstream" / "features"
+        assert sorted(p.name for p in features.glob("*.pt")) == ["train.pt", "val.pt"]
+    stamp = (Path(record["trials"][0]["run_dir"]) / "downstream/features/val.pt").stat().st_mtime
+    assert main([*argv[:3], "4way_classification", "--label", "n_objects", "--tracking-uri",
+                 server.uri]) in (0, 2)  # too few categories on the tiny data is one line
+    capsys.readouterr()
+    assert (Path(record["trials"][0]["run_dir"]) / "downstream/features/val.pt").stat() \
+        .st_mtime == stamp  # the same checkpoint's features are extracted once
+    best = max(record["trials"], key=lambda t: (summary["trials"][t["trial_id"]]["metrics"]
+                                                ["accuracy"]))
+    assert main(["promote", str(sweep_dir), "--metric", "downstream/linear_probe/accuracy",
+                 "--name", "reg-downstream", "--tracking-uri", server.uri]) == 0
+    assert f"trial {best['trial_id']} step {best['step']}" in capsys.readouterr().out
+    from dashboards.cli import main as full_main
+
+    assert full_main(["report", str(sweep_dir), "--no-masks", "--no-log", "--tracking-uri",
+                      server.uri, "--out", str(sweep_dir / "downstream-report.html")]) == 0
+    page = (sweep_dir / "downstream-report.html").read_text()
+    assert "<th>downstream/linear_probe/accuracy</th>" in page
+    assert "slotsweep evaluate-sweep" in page and "an untrained slot model" in page
