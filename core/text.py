@@ -45,6 +45,7 @@ class Progress:
         self.tty = self.stream.isatty() if tty is None else tty
         self.done, self.start = 0, time.monotonic()
         self._last: float | None = None  # when the last plain line was written
+        self._shown = -1  # the count that line showed
         self._bar: Any = None
         if self.tty:
             from tqdm import tqdm
@@ -68,14 +69,15 @@ class Progress:
         if now - self.start < self.after_s:
             return
         if self._last is None or now - self._last >= self.every_s:
-            self._last = now
+            self._last, self._shown = now, self.done
             print(self.line(now), file=self.stream, flush=True)
 
     def close(self) -> None:
-        """The last line, when any was shown (the bar is cleared: the caller says the result)."""
+        """The last line, when any was shown and it is not that one already (the bar is
+        cleared: the caller says the result)."""
         if self._bar is not None:
             self._bar.close()
-        elif self._last is not None:
+        elif self._last is not None and self._shown != self.done:
             print(self.line(), file=self.stream, flush=True)
 
     def __enter__(self) -> Progress:

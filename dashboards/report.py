@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,19 @@ def _status(data: SweepData) -> str:
         return f"complete: {ended} of {data.planned} trials"
     return (f"in progress or interrupted: {ended} ended, {running} running, "
             f"{max(0, data.planned - len(data.trials))} not started, of {data.planned} planned")
+
+
+SHORT_TASKS = {"linear_probe": "probe", "4way_classification": "4-way", "few_shot": "few-shot"}
+
+
+def column_title(metric: str) -> str:
+    """A leaderboard header: ``val/mbo`` as it is, ``downstream/4way_classification/accuracy``
+    as ``4-way accuracy`` (the full name is its tooltip and in the note under the table)."""
+    parts = metric.split("/")
+    if parts[0] != DOWNSTREAM_PREFIX or len(parts) < 3:
+        return metric
+    what = re.sub(r"(\d+)shot_", r"\1-shot ", "/".join(parts[2:]))
+    return f"{SHORT_TASKS.get(parts[1], parts[1])} {what}"
 
 
 def downstream_notes(data: SweepData) -> list[str]:
@@ -139,7 +153,8 @@ def render(data: SweepData, top_k: int = 4, data_dir: str | None = None,
                 for t in ranked for r in t.reruns]
     return _TEMPLATES.get_template("report.html.j2").render(
         d=data, plotly_js=_plotly_js(), status=_status(data), rows=rows, params=params,
-        others=others, built=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        others=others, titles={m: column_title(m) for m in others},
+        built=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         warnings=analysis.coverage(data),
         effect_figures=[h for h in (
             _html(figures.effects(data)), _html(figures.parallel(data)),

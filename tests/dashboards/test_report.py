@@ -179,3 +179,13 @@ def test_log_axes_label_one_two_and_five_of_each_decade():
     assert _log_ticks(0.05, 0.3)["tickvals"] == [0.05, 0.1, 0.2]  # not 0.2, 0.25, 0.3 crowded
     assert _log_ticks(0.05, 0.3)["ticktext"] == ["0.05", "0.1", "0.2"]
     assert _log_ticks(1e-5, 1e-1) == {}  # four decades: plotly's decade labels are fine
+
+
+def test_downstream_columns_have_short_titles():
+    from dashboards.report import column_title
+
+    assert column_title("val/mbo") == "val/mbo"
+    assert column_title("downstream/4way_classification/accuracy") == "4-way accuracy"
+    assert column_title("downstream/few_shot/5shot_accuracy") == "few-shot 5-shot accuracy"
+    assert column_title("downstream/linear_probe/backbone/accuracy") == \
+        "probe backbone/accuracy"

@@ -310,5 +310,5 @@ def test_evaluate_sweep_logs_downstream_numbers_and_promote_selects_by_them(swep
     assert full_main(["report", str(sweep_dir), "--no-masks", "--no-log", "--tracking-uri",
                       server.uri, "--out", str(sweep_dir / "downstream-report.html")]) == 0
     page = (sweep_dir / "downstream-report.html").read_text()
-    assert "<th>downstream/linear_probe/accuracy</th>" in page
+    assert '<th title="downstream/linear_probe/accuracy">probe accuracy</th>' in page
     assert "slotsweep evaluate-sweep" in page and "an untrained slot model" in page
