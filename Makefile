@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sweep_overhead.py --trials 4
 	$(BIN)/python bench/throughput.py tiny
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/downstream.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -34,3 +34,12 @@ def test_report_bench_prints_its_timings():
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"report of 5 trials: [\d.]+ s \([\d.]+ MB page\)", done.stdout), done.stdout
+
+
+def test_downstream_bench_prints_each_tasks_time():
+    done = subprocess.run([sys.executable, "bench/downstream.py", "--clips", "200"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for task in ("linear_probe", "4way_classification", "few_shot"):
+        assert re.search(rf"^{task}\s+[\d.]+ s", done.stdout, re.M), done.stdout
+    assert re.search(r"all three tasks: [\d.]+ s", done.stdout), done.stdout
