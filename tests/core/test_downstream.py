@@ -184,13 +184,20 @@ def test_evaluate_a_trained_checkpoint_and_a_labelled_image_folder(tmp_path, mon
     assert len(val["object_rows"]) == len(val["object_slot"]) == len(val["object_backbone"]) > 0
     assert not torch.equal(val["slots"], val["untrained_slots"])
     images = tmp_path / "labelled"
-    for category in ("ball", "car", "cat"):
+    for category in ("ball", "car", "cat", "cup"):
         (images / category).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (40, 30), (80 * i, 40, 200)).save(images / category / f"{i}.jpg")
     assert main(["extract-features", "--checkpoint", ckpt, "--images", str(images),
                  "--output-dir", str(tmp_path / "img")]) == 0
     data = torch.load(tmp_path / "img" / "images.pt", weights_only=False)
-    assert data["slots"].shape[:2] == (6, 1) and sorted(set(data["labels"])) == ["ball", "car",
-                                                                                 "cat"]
+    assert data["slots"].shape[:2] == (8, 1)
+    assert sorted(set(data["labels"])) == ["ball", "car", "cat", "cup"]
     assert data["object_rows"] == []
+    # the published protocol on a labelled image set: 4-way straight from the checkpoint
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", ckpt, "--images", str(images), "--task",
+                 "4way_classification", "--episodes", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "4way_classification on 8 clips of 8 videos (images;" in printed
+    assert "200 episodes over 4 categories" in printed
