@@ -40,20 +40,22 @@ def load_trained(checkpoint: str | Path) -> tuple[Any, Any]:
     return cfg, module.eval()
 
 
-def _clips(cfg: Any, data_dir: str | Path | None, split: str, batch_size: int | None):
+def split_clips(cfg: Any, data_dir: str | Path | None, split: str,
+                batch_size: int | None) -> tuple[list, Any, tuple]:
+    """(records, loader of its fixed clips, (mean, std)) of a split of ``cfg``'s dataset;
+    ``data_dir`` replaces the dataset root the checkpoint recorded."""
     from core.data.clips import ClipDataset
     from core.data.config import resolve_paths
     from core.data.datamodule import load_records
     from core.data.prepare import ensure_synthetic
-    from core.models.encoder import backbone_normalization
+    from core.models.encoder import normalization_of
 
     dataset = cfg.dataset
     if data_dir is not None:  # the checkpoint's paths are absolute: a new root replaces them
         dataset = replace(dataset, json_dir=None, img_dir=None, mask_dir=None)
     data_dir = ensure_synthetic(dataset, data_dir) or data_dir
     dataset = resolve_paths(dataset, data_dir)
-    backbone = cfg.model.encoder.backbone
-    mean, std = backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
+    mean, std = normalization_of(cfg.model.encoder.backbone)
     records = load_records(dataset, split)
     clips = ClipDataset(records, dataset.ep_length, dataset.img_size, mean, std, train=False,
                         val_clips=dataset.val_clips, resize=dataset.resize)
@@ -69,7 +71,7 @@ def predict_masks(checkpoint: str | Path, data_dir: str | Path | None = None, cl
     from core.names import MASKS_KEY
 
     cfg, module = load_trained(checkpoint)
-    _, loader, (mean, std) = _clips(cfg, data_dir, split, clips)
+    _, loader, (mean, std) = split_clips(cfg, data_dir, split, clips)
     batch = next(iter(loader))
     with torch.no_grad():
         out = module.model({"video": batch["video"]})

@@ -33,13 +33,12 @@ def make_datamodule(cfg: Config, data_dir: str | Path | None) -> tuple[Config, A
     from core.data.config import resolve_paths
     from core.data.datamodule import VideoDataModule
     from core.data.prepare import ensure_synthetic
-    from core.models.encoder import backbone_normalization
+    from core.models.encoder import normalization_of
 
     data_dir = ensure_synthetic(cfg.dataset, data_dir) or data_dir
     cfg = replace(cfg, dataset=resolve_paths(cfg.dataset, data_dir))
-    backbone = cfg.model.encoder.backbone
-    norm = backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
-    datamodule = VideoDataModule(cfg.dataset, seed=cfg.seed, normalization=norm)
+    datamodule = VideoDataModule(cfg.dataset, seed=cfg.seed,
+                                 normalization=normalization_of(cfg.model.encoder.backbone))
     datamodule.setup("fit")
     return cfg, datamodule
 

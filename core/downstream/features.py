@@ -48,15 +48,13 @@ def _loader(cfg: Any, data_dir: str | Path | None, images: str | Path | None, sp
     image set read as single-frame clips."""
     from core.data.clips import ClipDataset
     from core.data.records import scan_labelled_images
-    from core.tools import _clips
+    from core.models.encoder import normalization_of
+    from core.tools import split_clips
 
     if images is None:
-        records, loader, _ = _clips(cfg, data_dir, split, batch_size)
+        records, loader, _ = split_clips(cfg, data_dir, split, batch_size)
         return records, loader
-    from core.models.encoder import backbone_normalization
-
-    backbone = cfg.model.encoder.backbone
-    mean, std = backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
+    mean, std = normalization_of(cfg.model.encoder.backbone)
     records = scan_labelled_images(images)
     clips = ClipDataset(records, 1, cfg.dataset.img_size, mean, std, train=False,
                         val_clips="first", resize=cfg.dataset.resize)
@@ -67,12 +65,9 @@ def _untrained(cfg: Any) -> Any:
     """The checkpoint's architecture with fresh weights (seeded), for the baseline."""
     from core.training.module import SlotModule
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(UNTRAINED_SEED)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(UNTRAINED_SEED)
         return SlotModule(cfg).eval()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def match_objects(slot_masks: torch.Tensor, true: torch.Tensor) -> tuple[list, list, torch.Tensor]:

@@ -198,10 +198,10 @@ def slot_head(dim: int, n_classes: int, hidden: int = 128) -> Any:
 def _sides(cfg: Any, data_dir: str | Path | None, task: str,
            seed: int) -> tuple[list[str], dict[str, LabelledClips]]:
     """The classes, and the train, val and test clips with their labels (module docstring)."""
-    from core.tools import _clips
+    from core.tools import split_clips
 
     train, val = cfg.dataset.train_split, cfg.dataset.val_split
-    data = {split: _clips(cfg, data_dir, split, None)[:2] for split in (train, val)}
+    data = {split: split_clips(cfg, data_dir, split, None)[:2] for split in (train, val)}
     classes = _check_labels({split: records for split, (records, _) in data.items()}, task)
     if len(data[val][0]) < 2:
         raise DataError(f"the {val} split has {plural(len(data[val][0]), 'video')}: fine-tuning "

@@ -235,6 +235,12 @@ class TimmEncoder(nn.Module):
         return h.hexdigest()[:16]
 
 
+def normalization_of(backbone: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the frames of a configured backbone (``model.encoder.backbone``) are
+    normalised with: its pretrained statistics, or ImageNet's for random weights."""
+    return backbone_normalization(backbone.model if backbone.weights == "pretrained" else None)
+
+
 def backbone_normalization(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std the backbone was trained with, read from timm's pretrained config.
 
