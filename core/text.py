@@ -87,6 +87,15 @@ class Progress:
         self.close()
 
 
+def fmt(value: Any) -> str:
+    """A table cell: ``-`` for no value, floats to four significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain left-aligned text table: headers, a rule of dashes, the rows."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)

@@ -191,7 +191,7 @@ def _downstream(sweep_dir: Path) -> dict[str, Any]:
     try:
         found = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
-        return {}  # half-written by a running evaluate-sweep: the next build shows it
+        return {}  # not JSON (evaluate-sweep writes it atomically): shown as no numbers
     return found if isinstance(found, dict) else {}
 
 

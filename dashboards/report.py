@@ -16,13 +16,12 @@ import jinja2
 
 from core.errors import SlotsweepError, one_line
 from core.names import DOWNSTREAM_PREFIX, METRIC_ARI, METRIC_MBO, REPORT_HTML, downstream_metric
-from core.text import Progress
+from core.text import Progress, fmt
 from core.training.selection import selection_key
 from dashboards import analysis, figures
 from dashboards.data import SweepData, collect
 from dashboards.masks import trial_masks
 from orchestrator.mlflow_runs import run_link
-from orchestrator.progress import fmt
 
 STATE_WORDS = {"DONE": "done", "STOPPED": "stopped by ASHA", "DIVERGED": "diverged",
                "FAILED": "failed", "RUNNING": "running", "INTERRUPTED": "interrupted"}

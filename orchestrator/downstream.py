@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from core.downstream import CLIP_LABELS, TASKS
-from core.errors import ConfigError, SlotsweepError
+from core.data.layout import write_json
+from core.downstream.cli import add_task_arguments, parse_shots
+from core.errors import SlotsweepError
 from core.names import DOWNSTREAM_JSON, downstream_metric
-from core.text import format_table
+from core.text import fmt, format_table
 
 DOWNSTREAM_DIRNAME = "downstream"
 # the number each task is ranked by (its other numbers are logged too)
@@ -81,7 +83,8 @@ def evaluate_sweep(sweep: str | Path, task: str, label: str = "label", seed: int
             metrics = {downstream_metric(task, k): float(v) for k, v in result["metrics"].items()}
             if trial.get("mlflow_run_id"):
                 client.log_batch(trial["mlflow_run_id"], metrics=[
-                    Metric(k, v, _now(), int(trial["step"] or 0)) for k, v in metrics.items()])
+                    Metric(k, v, int(time.time() * 1000), int(trial["step"] or 0))
+                    for k, v in metrics.items()])
             results[trial["trial_id"]] = {"step": trial["step"], "metrics": result["metrics"]}
     finally:
         if server is not None:
@@ -90,15 +93,9 @@ def evaluate_sweep(sweep: str | Path, task: str, label: str = "label", seed: int
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary[task] = {"label": label, "seed": seed, "headline": headline(task, shots),
                      "trials": results}
-    summary_path.write_text(json.dumps(summary, indent=1))
+    write_json(summary_path, summary)  # atomic: a report built meanwhile reads all or nothing
     return {"task": task, "trials": results, "record": record, "path": summary_path,
             "headline": headline(task, shots)}
-
-
-def _now() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 def summary_table(out: dict[str, Any]) -> str:
@@ -109,24 +106,17 @@ def summary_table(out: dict[str, Any]) -> str:
     ranked = sorted(out["trials"].items(), key=lambda kv: -kv[1]["metrics"][key])
     rows = []
     for trial_id, entry in ranked:
-        m = entry["metrics"]
-        rows.append([trial_id, str(entry["step"]), _fmt((by_id[trial_id].get("metrics") or {})
-                                                          .get(select)),
-                     _fmt(m[key]), _fmt(m.get(f"untrained/{key}")), _fmt(m.get(f"backbone/{key}"))])
+        m, selected = entry["metrics"], (by_id[trial_id].get("metrics") or {}).get(select)
+        rows.append([trial_id, str(entry["step"]), fmt(selected), fmt(m[key]),
+                     fmt(m.get(f"untrained/{key}")), fmt(m.get(f"backbone/{key}"))])
     return format_table(["trial", "step", select, f"{task} {key}", "untrained", "backbone"], rows)
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 def _evaluate_sweep(args: argparse.Namespace) -> int:
-    try:
-        shots = tuple(int(k) for k in args.shots.split(","))
-    except ValueError:
-        raise ConfigError(f"--shots {args.shots!r}: give numbers like 1,5") from None
-    out = evaluate_sweep(args.sweep, args.task, args.label, args.seed, args.episodes, shots,
-                         args.tracking_uri)
+    out = evaluate_sweep(args.sweep, args.task, args.label, args.seed, args.episodes,
+                         parse_shots(args.shots), args.tracking_uri)
     key = downstream_metric(args.task, out["headline"])
     print(f"\n{args.task} of {len(out['trials'])} trials' best checkpoints (label "
           f"{args.label!r}, seed {args.seed}), best first; logged to each trial's MLflow run as "
@@ -143,10 +133,6 @@ def add_evaluate_sweep(sub: argparse._SubParsersAction) -> None:
         "each trial's MLflow run (downstream/<task>/<metric>), SWEEP/downstream.json and the "
         "sweep report.")
     ev.add_argument("sweep", help="sweep name (runs/sweeps/NAME), folder or best.json")
-    ev.add_argument("--task", required=True, choices=TASKS)
-    ev.add_argument("--label", default="label", choices=CLIP_LABELS)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--episodes", type=int, default=1000)
-    ev.add_argument("--shots", default="1,5")
+    add_task_arguments(ev)
     ev.add_argument("--tracking-uri", default=None)
     ev.set_defaults(func=_evaluate_sweep)

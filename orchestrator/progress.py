@@ -9,21 +9,13 @@ from typing import Any
 from ray.tune import Callback
 
 from core.names import short_names
-from core.text import duration, format_table
+from core.text import duration, fmt, format_table
 from core.training.selection import selection_key
 from orchestrator.trial import STATUS_KEY
 
 PENDING, RUNNING, DONE, FAILED, DIVERGED, STOPPED = (
     "PENDING", "RUNNING", "DONE", "FAILED", "DIVERGED", "STOPPED")
 INTERRUPTED = "INTERRUPTED"  # running when the sweep was stopped; --resume continues it
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 # Trials this driver saw running and saw end (complete, stopped by the scheduler, or failed for

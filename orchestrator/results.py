@@ -16,10 +16,10 @@ from core.names import (
     METRIC_MBO,
     short_names,
 )
-from core.text import format_table
+from core.text import fmt, format_table
 from core.training.selection import selection_key
 from orchestrator import spec as specs
-from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED, fmt
+from orchestrator.progress import DIVERGED, DONE, FAILED, STOPPED
 from orchestrator.spec_check import max_steps
 from orchestrator.trial import CACHE_KEY, ERROR_KEY, STATUS_KEY, TRIAL_JSON, run_dir_of
 

@@ -23,9 +23,10 @@ from core.names import (
     TAG_SWEEP_BEST,
     short_names,
 )
+from core.text import fmt
 from orchestrator.mlflow_runs import ARTIFACT_CHECKPOINT, finish_run, run_link, upload_once
 from orchestrator.mlflow_sender import ArtifactUploader, send_saved, short_http_retries
-from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED, fmt
+from orchestrator.progress import DIVERGED, DONE, FAILED, INTERRUPTED, STOPPED
 
 
 def _close_trial_runs(client: Any, trials: list[dict[str, Any]]) -> None:

@@ -28,9 +28,10 @@ def features_of(checkpoint: str | Path, data_dir: str | Path | None = None,
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output_dir) if output_dir is not None else Path(tmp)
-        for split in ((None,) if images is not None else splits):
-            extract_features(checkpoint, folder, data_dir=data_dir, split=split or "val",
-                             images=images)
+        if images is not None:
+            extract_features(checkpoint, folder, images=images)
+        for split in splits if images is None else ():
+            extract_features(checkpoint, folder, data_dir=data_dir, split=split)
         return load_features(folder)
 
 
@@ -84,10 +85,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.checkpoint is None and (args.data_dir or args.images):
         raise ConfigError("--data-dir and --images go with --checkpoint (features are already "
                           "extracted)")
-    try:
-        shots = tuple(int(k) for k in args.shots.split(","))
-    except ValueError:
-        raise ConfigError(f"--shots {args.shots!r}: give numbers like 1,5") from None
+    shots = parse_shots(args.shots)
     features = (load_features(args.features) if args.features is not None else
                 features_of(args.checkpoint, args.data_dir, args.images))
     result = evaluate(features, args.task, args.label, args.seed, args.episodes, shots)
@@ -101,6 +99,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_shots(text: str) -> tuple[int, ...]:
+    """``--shots 1,5`` -> (1, 5); anything else is one line."""
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--shots {text!r}: give numbers like 1,5") from None
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a task is run with, the same for ``evaluate`` and ``evaluate-sweep``."""
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--label", default="label", choices=CLIP_LABELS,
+                        help="clip label: the video's category, or its number of objects")
+    parser.add_argument("--seed", type=int, default=0, help="split and episodes")
+    parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--shots", default="1,5", help="few_shot: k of the k-shot episodes")
+
+
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "evaluate", help="downstream tasks on a model's slots (linear probe, 4-way, few-shot)",
@@ -112,11 +128,6 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data-dir", default=None, help="with --checkpoint: dataset root")
     ev.add_argument("--images", default=None,
                     help="with --checkpoint: labelled images ROOT/<category>/*.jpg")
-    ev.add_argument("--task", required=True, choices=TASKS)
-    ev.add_argument("--label", default="label", choices=CLIP_LABELS,
-                    help="clip label: the video's category, or its number of objects")
-    ev.add_argument("--seed", type=int, default=0, help="split and episodes")
-    ev.add_argument("--episodes", type=int, default=1000)
-    ev.add_argument("--shots", default="1,5", help="few_shot: k of the k-shot episodes")
+    add_task_arguments(ev)
     ev.add_argument("--output", default=None, help="also write the numbers as JSON here")
     ev.set_defaults(func=_evaluate)
