@@ -2,7 +2,7 @@
 server) against calling ``core.train.train`` N times in one process with the same configs.
 
     python bench/sweep_overhead.py [--trials 4] [--concurrency 1]
-    python bench/sweep_overhead.py --startup [--runs 3] [--standing]
+    python bench/sweep_overhead.py --startup [--runs 3] [--standing | --warm]
 
 Both sides train the same N configs (sweeps/quickstart.yaml: 8 steps, validation every 4). The
 sweep's time includes starting MLflow and Ray; the table also shows the time per trial.
@@ -11,7 +11,9 @@ sweep's time includes starting MLflow and Ray; the table also shows the time per
 with a bad value until its one-line error, and a one-trial quickstart from the command to its
 trial's first training step (the timestamp of `train/loss` at step 1 in MLflow, written by the
 trial process as the step ends). The first run makes the data and the feature cache; the others
-find them.
+find them. ``--standing``: a `ray start` cluster and an MLflow server run already; ``--warm``: the
+warm server of `slotsweep up` runs (each sweep waits until the server has restarted Ray after
+the one before, as a user typing the next command would).
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def main() -> None:
     parser.add_argument("--standing", action="store_true",
                         help="--startup: with a `ray start` cluster and an MLflow server "
                              "already running (RAY_ADDRESS=auto, mlflow.tracking_uri)")
+    parser.add_argument("--warm", action="store_true",
+                        help="--startup: with the warm server of `slotsweep up` running")
     args = parser.parse_args()
     if args.startup:
-        startup(args.runs, args.standing)
+        startup(args.runs, args.standing, args.warm)
         return
 
     n = args.trials
@@ -95,18 +99,24 @@ def _sweep(tmp: str, name: str, trials: int, concurrency: int) -> tuple[float, l
     return seconds, overrides
 
 
-def startup(runs: int, standing: bool = False) -> None:
+def startup(runs: int, standing: bool = False, warm: bool = False) -> None:
     from mlflow import MlflowClient
 
     from orchestrator.mlflow_server import LocalServer
 
-    sweep = [sys.executable, "-m", "orchestrator.cli", "sweep", str(QUICKSTART)]
+    slotsweep = [sys.executable, "-m", "dashboards.cli"]  # the `slotsweep` command
+    sweep = [*slotsweep, "sweep", str(QUICKSTART)]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         env = {**os.environ, "SLOTSWEEP_MLFLOW_DIR": f"{tmp}/mlflow",
-               "SLOTSWEEP_CACHE": f"{tmp}/cache"}
+               "SLOTSWEEP_CACHE": f"{tmp}/cache", "SLOTSWEEP_WARM_DIR": f"{tmp}/warm"}
         env.pop("MLFLOW_TRACKING_URI", None)
         extra: list[str] = []
         server = None
+        if warm:
+            start = time.time()
+            subprocess.run([*slotsweep, "up"], env=env, check=True, capture_output=True)
+            print(f"slotsweep up: ready in {time.time() - start:.1f} s")
+            stack.callback(subprocess.run, [*slotsweep, "down"], env=env, capture_output=True)
         if standing:  # what a team's machine has running already: `ray start` and a server
             server = stack.enter_context(LocalServer.start(Path(tmp) / "mlflow"))
             ray_cli = str(Path(sys.executable).parent / "ray")
@@ -127,6 +137,8 @@ def startup(runs: int, standing: bool = False) -> None:
                             "trainer.max_steps=4", *extra], env=env, check=True,
                            capture_output=True)
             starts.append(start)
+            if warm:
+                _wait_for_fresh_ray(Path(tmp) / "warm" / "server.log", i + 1)
         if server is None:
             server = stack.enter_context(LocalServer.start(Path(tmp) / "mlflow"))
         client = MlflowClient(server.uri)
@@ -142,7 +154,8 @@ def startup(runs: int, standing: bool = False) -> None:
             trial = client.get_run(run).info.start_time / 1000
             phases.append((parent - start, trial - parent, first[-1] - (trial - start)))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores"
-          + ("; Ray and MLflow already running" if standing else ""))
+          + ("; Ray and MLflow already running" if standing else "")
+          + ("; the warm server of `slotsweep up` running" if warm else ""))
     print(f"bad sweep file -> its one-line error: {error_s:.1f} s")
     print(f"command -> first trial step, first run (makes data and cache): {first[0]:.1f} s")
     if runs > 1:
@@ -152,6 +165,17 @@ def startup(runs: int, standing: bool = False) -> None:
           "-> first step")
     for i, (up, trial, step) in enumerate(phases):
         print(f"  run {i}: {up:.1f} s / {trial:.1f} s / {step:.1f} s")
+
+
+def _wait_for_fresh_ray(log: Path, sweeps: int, timeout: float = 60) -> None:
+    """Until the warm server's log says Ray is ready again after its ``sweeps``-th sweep."""
+    deadline = time.time() + timeout
+    while log.read_text().count("ray: ready") < sweeps + 1 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(SETTLE_S)  # its idle workers import torch and Lightning after Ray answers
+
+
+SETTLE_S = 10.0
 
 
 if __name__ == "__main__":

@@ -114,4 +114,5 @@ MLFLOW_DIR_ENV = "SLOTSWEEP_MLFLOW_DIR"  # the embedded MLflow store (default ./
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own: the server a sweep logs to
 # MLflow's own: retries per HTTP call (its default backs off for minutes on a dead server)
 HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+WARM_DIR_ENV = "SLOTSWEEP_WARM_DIR"  # the warm server's socket, pid and log (CACHE/warm)
 FAULT_ENV = "SLOTSWEEP_INJECT_FAULT"  # tests: make a trial fail on purpose

@@ -60,6 +60,9 @@ from orchestrator.trial import (
 )
 
 SPEC_YAML = "sweep.yaml"
+# Set in a warm server's process (orchestrator/warm.py): its embedded MLflow server serves every
+# sweep it runs, and its Ray instance stays up between them.
+WARM_MLFLOW: LocalServer | None = None
 
 
 def sweep_dir_of(spec: specs.SweepSpec) -> Path:
@@ -103,9 +106,9 @@ def _start_ray(spec: specs.SweepSpec) -> dict[str, float]:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # address="local": a private instance, even beside a `ray start` cluster (which
-            # RAY_ADDRESS=auto joins); without it ray.init would try to join that one
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+            from orchestrator.warm import start_local_ray
+
+            start_local_ray(**kwargs)
     resources = ray.cluster_resources()
     check_cluster(spec, resources)
     return resources
@@ -217,12 +220,12 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
     _check_resume(spec, resume)
     use_cache = _prepare_data(spec, stream)
     server = None
-    if uri is None:
-        server = LocalServer.start(mlflow_root(), wait=False)  # comes up while Ray starts
+    if uri is None:  # a warm server's, or one that comes up while Ray starts
+        server = WARM_MLFLOW or LocalServer.start(mlflow_root(), wait=False)
         uri = server.uri
     try:
         _start_ray(spec)
-        if server is not None:
+        if server is not None and server is not WARM_MLFLOW:
             server.wait_ready()
             server.keep_alive()  # a server that dies mid-sweep comes back; trials keep their calls
         client = client_for(uri)
@@ -302,7 +305,7 @@ def _run_locked(spec: specs.SweepSpec, sweep_dir: Path, path: str | Path,
             return EXIT_INTERRUPTED
         return 1 if missing else 0
     finally:
-        if server is not None:
+        if server is not None and server is not WARM_MLFLOW:
             server.stop()
 
 
@@ -341,6 +344,6 @@ def _every(seconds: float, call: Callable[[], None] | None) -> Iterator[None]:
 def shutdown_ray() -> None:
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized() and WARM_MLFLOW is None:
         ray.shutdown()
 

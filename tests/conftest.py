@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.names import FEATURE_CACHE_ENV
+from core.names import FEATURE_CACHE_ENV, WARM_DIR_ENV
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +13,8 @@ def _own_feature_cache(tmp_path, monkeypatch):
     for the tiny config, which a later test reading frames must not pick up by accident.
     Tests that share a cache on purpose set ``feature_cache.dir``."""
     monkeypatch.setenv(FEATURE_CACHE_ENV, str(tmp_path / "feature-cache"))
+    # and no warm server: a `slotsweep up` of the person running the tests is not theirs
+    monkeypatch.setenv(WARM_DIR_ENV, str(tmp_path / "warm"))
 
 
 @pytest.fixture(scope="module")
