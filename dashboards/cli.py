@@ -1,5 +1,6 @@
 """The ``slotsweep`` command at the top of the stack: every command of
-:mod:`orchestrator.cli`, plus ``report`` (dashboards read what sweeps wrote)."""
+:mod:`orchestrator.cli`, plus ``report`` (dashboards read what sweeps wrote) and ``up`` / ``down``
+(the warm server, which runs this top-level command for ``slotsweep sweep``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core import cli as core_cli
+from core.errors import SlotsweepError
 from orchestrator.cli import build_parser
 
 
@@ -37,6 +39,32 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_report)
 
 
+def add_warm(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser(
+        "up", help="keep Ray, MLflow and a trial's imports ready: sweeps here start at once",
+        description="Start the warm server: an embedded MLflow server, a local Ray whose idle "
+        "workers have imported torch, Lightning and the trial's code. `slotsweep sweep` from "
+        "this folder and environment then runs in it, its first step seconds after the "
+        "command (a sweep elsewhere, or while it runs another, runs on its own as before).")
+    up.add_argument("--idle-minutes", type=float, default=120.0,
+                    help="stop after this many minutes without a sweep (default 120)")
+    up.set_defaults(func=lambda args: _warm("up", args))
+    down = sub.add_parser("down", help="stop the warm server (`slotsweep up`)",
+                          description="Stop the warm server; a sweep it runs is stopped as by "
+                          "Ctrl-C (`--resume` finishes it).")
+    down.set_defaults(func=lambda args: _warm("down", args))
+
+
+def _warm(command: str, args: argparse.Namespace) -> int:
+    from orchestrator import warm
+
+    if command == "up":
+        if args.idle_minutes <= 0:
+            raise SlotsweepError(f"--idle-minutes must be positive, not {args.idle_minutes:g}")
+        return warm.up(args.idle_minutes * 60)
+    return warm.down()
+
+
 def _refresh(sweep_dir: Path, tracking_uri: str, final: bool) -> None:
     """The sweep's report while it runs (no masks: their models would take the trials' CPU)
     and, at the end, the whole page, logged to the sweep's run, its path printed."""
@@ -52,7 +80,7 @@ def _sweep_with_report(args: argparse.Namespace) -> int:
     here."""
     from orchestrator.cli import sweep_command
     from orchestrator.spec import load_sweep
-    from orchestrator.warm_client import forward
+    from orchestrator.warm import forward
 
     load_sweep(args.file, list(args.overrides))  # a bad file: its one line here, at once
     code = forward(["sweep", args.file, *args.overrides, *["--resume"] * args.resume,
@@ -64,7 +92,7 @@ def _sweep_with_report(args: argparse.Namespace) -> int:
 
 def build_top_parser() -> argparse.ArgumentParser:
     """Every command; ``sweep`` also writes the sweep's report as it runs and at its end."""
-    parser = build_parser(extra=(add_report,))
+    parser = build_parser(extra=(add_report, add_warm))
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sweep = sub.choices["sweep"]
     sweep.add_argument("--no-report", action="store_true",

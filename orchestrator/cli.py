@@ -52,32 +52,6 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=sweep_command)
 
 
-def add_warm(sub: argparse._SubParsersAction) -> None:
-    up = sub.add_parser(
-        "up", help="keep Ray, MLflow and a trial's imports ready: sweeps here start at once",
-        description="Start the warm server: an embedded MLflow server, a local Ray whose idle "
-        "workers have imported torch, Lightning and the trial's code. `slotsweep sweep` from "
-        "this folder and environment then runs in it, its first step seconds after the "
-        "command (a sweep elsewhere, or while it runs another, runs on its own as before).")
-    up.add_argument("--idle-minutes", type=float, default=120.0,
-                    help="stop after this many minutes without a sweep (default 120)")
-    up.set_defaults(func=lambda args: _warm("up", args))
-    down = sub.add_parser("down", help="stop the warm server (`slotsweep up`)",
-                          description="Stop the warm server; a sweep it runs is stopped as by "
-                          "Ctrl-C (`--resume` finishes it).")
-    down.set_defaults(func=lambda args: _warm("down", args))
-
-
-def _warm(command: str, args: argparse.Namespace) -> int:
-    from orchestrator import warm_client
-
-    if command == "up":
-        if args.idle_minutes <= 0:
-            raise SlotsweepError(f"--idle-minutes must be positive, not {args.idle_minutes:g}")
-        return warm_client.up(args.idle_minutes * 60)
-    return warm_client.down()
-
-
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator.submit import submit
 
@@ -175,7 +149,7 @@ def add_ui(sub: argparse._SubParsersAction) -> None:
 
 # The order of `slotsweep --help`.
 COMMANDS = (
-    core_cli.add_train, add_sweep, add_warm, add_submit, add_promote, add_rerun, add_ui,
+    core_cli.add_train, add_sweep, add_submit, add_promote, add_rerun, add_ui,
     core_cli.add_extract_features, core_cli.add_visualize, core_cli.add_cache_features,
     core_cli.add_make_data, core_cli.add_check_data, add_evaluate, add_finetune,
     add_evaluate_sweep,

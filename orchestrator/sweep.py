@@ -60,8 +60,8 @@ from orchestrator.trial import (
 )
 
 SPEC_YAML = "sweep.yaml"
-# Set in a warm server's process (orchestrator/warm.py): its embedded MLflow server serves every
-# sweep it runs, and its Ray instance stays up between them.
+# Set in a warm server's process (dashboards/warm_server.py): its embedded MLflow server serves
+# every sweep it runs, and its Ray instance stays up between them.
 WARM_MLFLOW: LocalServer | None = None
 
 

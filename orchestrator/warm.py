@@ -1,35 +1,213 @@
-"""What makes a sweep start fast: a local Ray whose workers import a trial's modules as they
-start, and the warm server that ``slotsweep up`` leaves running (its client:
-:mod:`orchestrator.warm_client`).
+"""``slotsweep up`` / ``slotsweep down``, and ``slotsweep sweep`` handing its work to the warm
+server they start (the server itself, which runs the top-level command: dashboards.warm_server);
+and the local Ray instance a sweep starts, whose trial takes an idle worker.
 
-The server keeps one embedded MLflow server, one local Ray instance whose idle workers have
-already imported torch, Lightning and the trial's code, and the driver's own imports. It runs
-one ``slotsweep sweep`` at a time, in its main thread, exactly as the command would run in the
-client's process (same parser, same code, its output sent to the client); another request
-while it runs is refused and runs in its own process. After each sweep Ray is started afresh, so
-the next sweep again finds idle workers that have imported everything: Ray never hands a
-worker that has hosted an actor to the next one.
+A sweep started from scratch spends ~12 s on a 2-core machine before its first trial trains:
+the MLflow server, Ray's processes and the trial's process importing torch and Lightning. The
+warm server has all three ready; ``slotsweep sweep`` here (same folder, same environment) sends
+it the command line and prints what it prints, so the first step comes in a few seconds.
 
-``python -m orchestrator.warm FOLDER IDLE_TIMEOUT_S`` (what ``slotsweep up`` starts).
+Protocol: one JSON object per line over the server's Unix socket. The client sends
+``{"argv": [...], "key": {...}}``; the server answers ``{"accepted": pid}`` or
+``{"refused": why}``, then ``{"out": text}`` / ``{"err": text}`` while the command runs and
+``{"exit": code}`` at its end. The client sends ``{"signal": "SIGINT"}`` on Ctrl-C or SIGTERM
+(the sweep stops as it would in the client's own process); a client that hangs up counts as
+Ctrl-C. ``{"stop": true}`` asks an idle server to shut down.
+
+Stdlib only at import: ``slotsweep sweep`` decides here, before Ray, MLflow or torch is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import os
-import queue
 import signal
 import socket
+import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from core.errors import SlotsweepError, one_line
-from orchestrator.warm_client import PID_FILE, SOCKET, differences, key, send
+from core.errors import SlotsweepError
+from core.names import CACHE_ENV, WARM_DIR_ENV
+
+# What a sweep's result depends on besides its command line: where data, caches and MLflow
+# stores are, which cluster and devices, how many threads. A request from an environment that
+# differs in any of these runs in the client's own process instead.
+KEY_PREFIXES = ("SLOTSWEEP_", "MLFLOW_", "RAY_", "TUNE_", "CUDA_", "NVIDIA_", "OMP_", "MKL_",
+                "TORCH", "PL_", "AWS_", "GOOGLE_", "HF_", "PYTHONPATH", "VIRTUAL_ENV")
+SOCKET = "sock"
+PID_FILE = "server.json"
+LOG_FILE = "server.log"
+READY_TIMEOUT_S = 180.0
+SERVING = False  # True in the warm server's own process
+
+
+def state_dir() -> Path:
+    """The warm server's folder: its socket, ``server.json`` and ``server.log``."""
+    default = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "slotsweep")) / "warm"
+    return Path(os.environ.get(WARM_DIR_ENV, default)).expanduser().resolve()
+
+
+def key() -> dict[str, Any]:
+    """What must match between a client and the server for the server to run its sweep."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(KEY_PREFIXES)}
+    return {"cwd": os.getcwd(), "python": sys.executable, "env": env}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The names of what differs between two :func:`key` values (empty: compatible)."""
+    out = [k for k in ("cwd", "python") if mine[k] != theirs[k]]
+    names = set(mine["env"]) | set(theirs["env"])
+    return out + sorted(n for n in names if mine["env"].get(n) != theirs["env"].get(n))
+
+
+def send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall((json.dumps(message) + "\n").encode())
+
+
+def _connect(path: Path) -> socket.socket | None:
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:  # a socket left by a server that died
+        conn.close()
+        return None
+    return conn
+
+
+def forward(argv: list[str]) -> int | None:
+    """Run ``slotsweep ARGV`` in the warm server and return its exit code; None when there is
+    no server, or it is busy or set up for another folder or environment (one line says so):
+    the caller then runs the command itself. Ctrl-C and SIGTERM go to the server's sweep."""
+    folder = state_dir()
+    conn = None if SERVING else _connect(folder / SOCKET)
+    if conn is None:
+        return None
+    asked: list[str] = []
+
+    def ask_stop(signum: int, frame: Any) -> None:
+        asked.append(signal.Signals(signum).name)
+        with contextlib.suppress(OSError):
+            send(conn, {"signal": asked[-1]})
+
+    previous = {s: signal.signal(s, ask_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with conn, conn.makefile("r", encoding="utf-8") as replies:
+            try:
+                send(conn, {"argv": argv, "key": key()})
+                first = json.loads(replies.readline() or "{}")
+            except (OSError, ValueError):
+                first = {}
+            if "accepted" in first:
+                print(f"warm server (pid {first['accepted']}): Ray and MLflow are up",
+                      flush=True)
+                return _relay(replies, first["accepted"], folder)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if asked:  # Ctrl-C while the server was deciding
+        raise KeyboardInterrupt
+    print(f"slotsweep: the warm server in {folder} is not used: "
+          f"{first.get('refused', 'it did not answer')}; running here", file=sys.stderr)
+    return None
+
+
+def _relay(replies: Any, pid: int, folder: Path) -> int:
+    """Print what the server says until its exit code."""
+    for line in replies:
+        message = json.loads(line)
+        if "exit" in message:
+            return int(message["exit"])
+        stream = sys.stdout if "out" in message else sys.stderr
+        stream.write(message.get("out", message.get("err", "")))
+        stream.flush()
+    raise SlotsweepError(f"the warm server (pid {pid}) stopped in the middle of the command; "
+                         f"its log: {folder / LOG_FILE}; `--resume` finishes an interrupted sweep")
+
+
+def running() -> dict[str, Any] | None:
+    """The running server's ``server.json`` (pid, key, MLflow URI), or None."""
+    folder = state_dir()
+    conn = _connect(folder / SOCKET)
+    if conn is None:
+        return None
+    conn.close()
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / PID_FILE).read_text())
+    return None
+
+
+def up(idle_timeout_s: float) -> int:
+    """Start the warm server (detached: it outlives this command) and wait until it is ready."""
+    folder = state_dir()
+    info = running()
+    if info is not None:
+        print(f"warm server already running (pid {info['pid']}, {folder}); "
+              f"`slotsweep down` stops it")
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SOCKET).unlink(missing_ok=True)
+    start = time.monotonic()
+    with open(folder / LOG_FILE, "wb") as log:  # this start's log only
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dashboards.warm_server", str(folder), str(idle_timeout_s)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # Ctrl-C in this terminal later does not reach it
+    while running() is None:
+        if process.poll() is not None or time.monotonic() - start > READY_TIMEOUT_S:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            lines = (folder / LOG_FILE).read_text(errors="replace").strip().splitlines()
+            why = [line for line in lines if line.startswith("error: ")][-1:] or lines[-1:]
+            raise SlotsweepError(f"the warm server did not start ({'; '.join(why)}); its log: "
+                                 f"{folder / LOG_FILE}")
+        time.sleep(0.2)
+    print(f"warm server ready in {time.monotonic() - start:.1f} s (pid {process.pid}; log "
+          f"{folder / LOG_FILE}): `slotsweep sweep` from {os.getcwd()} now starts at once; "
+          f"`slotsweep down` stops it (it stops itself after {idle_timeout_s / 60:g} idle "
+          f"minutes)")
+    return 0
+
+
+def down(grace_s: float = 60.0) -> int:
+    """Stop the warm server: at once when idle; a running sweep is stopped as by Ctrl-C."""
+    folder = state_dir()
+    info = running()
+    if info is None:
+        print(f"no warm server running ({folder})")
+        return 0
+    conn = _connect(folder / SOCKET)
+    if conn is not None:
+        with conn, contextlib.suppress(OSError):
+            send(conn, {"stop": True})
+            conn.recv(1024)
+    pid = int(info["pid"])
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        print(f"warm server (pid {pid}) did not stop in {grace_s:g} s: killed", file=sys.stderr)
+        return 1
+    print(f"warm server (pid {pid}) stopped")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError, ValueError):  # a zombie child of this process
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return True
+
 
 # What a trial's process imports before its first step (~6 s of CPU on a 2-core machine);
 # Ray's ``preload_python_modules`` has every new worker import them before it takes work.
@@ -60,211 +238,3 @@ def start_local_ray(preload: bool = False, **kwargs: Any) -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
              _system_config={"preload_python_modules": list(PRELOAD)} if preload else None,
              **kwargs)
-
-
-class _ToClient(io.TextIOBase):
-    """A text stream whose writes go to the client as ``{"out": ...}`` or ``{"err": ...}``
-    (Tune's callbacks and the report's thread write too: one lock). A client that has gone
-    stops receiving; the command goes on until it stops."""
-
-    def __init__(self, conn: socket.socket, kind: str, lock: threading.Lock) -> None:
-        self.conn, self.kind, self.lock, self.gone = conn, kind, lock, False
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        with self.lock:
-            if text and not self.gone:
-                try:
-                    send(self.conn, {self.kind: text})
-                except OSError:
-                    self.gone = True
-        return len(text)
-
-
-class Server:
-    def __init__(self, folder: Path, idle_timeout_s: float) -> None:
-        self.folder, self.idle_timeout_s = folder, idle_timeout_s
-        self.key = key()  # before anything below sets an environment variable
-        self.requests: queue.Queue[tuple[socket.socket, list[str]] | None] = queue.Queue()
-        self.busy = threading.Event()  # a sweep runs: other requests are refused
-        self.current: socket.socket | None = None
-        self.stopping = threading.Event()
-
-    def start(self) -> None:
-        import ray.tune  # noqa: F401  what a sweep's driver imports, imported once here
-
-        import dashboards.report  # noqa: F401
-        from orchestrator import sweep, warm_client
-        from orchestrator.mlflow_server import LocalServer, mlflow_root
-        from orchestrator.ray_logs import quiet_ray
-
-        warm_client.SERVING = True  # its sweeps run here, never handed on again
-        sweep._quiet()
-        quiet_ray()
-        sweep.WARM_MLFLOW = LocalServer.start(mlflow_root())
-        sweep.WARM_MLFLOW.keep_alive()
-        start_local_ray(preload=True, log_to_driver=False, logging_level=logging.WARNING)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        (self.folder / SOCKET).unlink(missing_ok=True)
-        self.listener.bind(str(self.folder / SOCKET))
-        self.listener.listen(8)
-        (self.folder / PID_FILE).write_text(json.dumps(
-            {"pid": os.getpid(), "key": self.key, "mlflow": sweep.WARM_MLFLOW.uri}, indent=1))
-        threading.Thread(target=self._accept, daemon=True, name="warm-accept").start()
-        print(f"ray: ready; pid {os.getpid()}, MLflow {sweep.WARM_MLFLOW.uri}", flush=True)
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._greet, args=(conn,), daemon=True).start()
-
-    def _greet(self, conn: socket.socket) -> None:
-        """Read one request: queue a sweep, refuse what cannot run here, or stop."""
-        try:
-            with conn.makefile("r", encoding="utf-8") as lines:
-                request = json.loads(lines.readline() or "{}")
-        except (OSError, ValueError):
-            conn.close()
-            return
-        if request.get("stop"):
-            self.stopping.set()
-            if self.busy.is_set():  # `slotsweep down` during a sweep: Ctrl-C for it first
-                os.kill(os.getpid(), signal.SIGINT)
-            self.requests.put(None)
-            with contextlib.suppress(OSError):
-                send(conn, {"stopping": True})
-            conn.close()
-            return
-        why = None
-        if "argv" not in request or "key" not in request:
-            why = "not a request"
-        elif self.busy.is_set():
-            why = "it is running another sweep"
-        elif diff := differences(self.key, request["key"]):
-            why = (f"it was started with another {', '.join(diff[:4])} (`slotsweep down`, "
-                   f"then `slotsweep up` here)")
-        if why is not None:
-            with contextlib.suppress(OSError):
-                send(conn, {"refused": why})
-            conn.close()
-            return
-        self.busy.set()
-        self.requests.put((conn, list(request["argv"])))
-
-    def serve(self) -> None:
-        """Run queued sweeps in this (the main) thread until stopped or idle too long."""
-        while not self.stopping.is_set():
-            try:
-                item = self.requests.get(timeout=self.idle_timeout_s)
-            except queue.Empty:
-                print(f"idle for {self.idle_timeout_s:g} s: stopping", flush=True)
-                return
-            if item is None:
-                return
-            conn, argv = item
-            try:
-                self._run(conn, argv)
-            finally:
-                conn.close()
-                self.busy.clear()  # a request from now on waits for Ray, then runs
-            if not self.stopping.is_set():
-                self._fresh_ray()
-
-    def _run(self, conn: socket.socket, argv: list[str]) -> None:
-        from dashboards.cli import main
-
-        lock = threading.Lock()
-        out, err = _ToClient(conn, "out", lock), _ToClient(conn, "err", lock)
-        done = threading.Event()
-        threading.Thread(target=self._listen, args=(conn, done), daemon=True).start()
-        send(conn, {"accepted": os.getpid()})
-        print(f"sweep: {' '.join(argv)}", flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the client's process
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                    _log_streams_to(err):
-                code = main(argv)
-        except SystemExit as exc:  # argparse's own exit (a usage error)
-            code = exc.code if isinstance(exc.code, int) else 2
-        except KeyboardInterrupt:  # Ctrl-C before the command's own handler was in place
-            code = 130
-        finally:
-            done.set()
-            signal.signal(signal.SIGINT, _ignore_between_sweeps)
-        print(f"exit {code}", flush=True)
-        with contextlib.suppress(OSError):
-            send(conn, {"exit": code})
-
-    def _listen(self, conn: socket.socket, done: threading.Event) -> None:
-        """The client's Ctrl-C or SIGTERM, or its hanging up: Ctrl-C for the running sweep
-        (Tune's handler stops it as it stops a sweep in the client's own process)."""
-        with contextlib.suppress(OSError, ValueError), conn.makefile("r") as lines:
-            for line in lines:
-                if "signal" in json.loads(line) and not done.is_set():
-                    os.kill(os.getpid(), signal.SIGINT)
-        if not done.is_set():
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def _fresh_ray(self) -> None:
-        import ray
-
-        ray.shutdown()
-        start_local_ray(preload=True, log_to_driver=False, logging_level=logging.WARNING)
-        print("ray: ready", flush=True)
-
-    def close(self) -> None:
-        import ray
-
-        from orchestrator import sweep
-
-        self.stopping.set()
-        with contextlib.suppress(OSError, AttributeError):
-            self.listener.close()
-        (self.folder / SOCKET).unlink(missing_ok=True)
-        (self.folder / PID_FILE).unlink(missing_ok=True)
-        ray.shutdown()
-        if sweep.WARM_MLFLOW is not None:
-            sweep.WARM_MLFLOW.stop()
-        print("stopped", flush=True)
-
-
-@contextlib.contextmanager
-def _log_streams_to(stream: Any) -> Any:
-    """Log lines a sweep shows its user (Ray's, Tune's: a failed trial's reason) go to the
-    client while its command runs, then back to the server's log."""
-    handlers = [h for name in (None, "ray", "ray.tune") for h in logging.getLogger(name).handlers
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    before = [h.setStream(stream) for h in handlers]
-    try:
-        yield
-    finally:
-        for handler, old in zip(handlers, before, strict=True):
-            handler.setStream(old)
-
-
-def _ignore_between_sweeps(signum: int, frame: Any) -> None:
-    """Ctrl-C meant for a sweep that ended just before it arrived: nothing to stop."""
-
-
-def main(folder: str, idle_timeout_s: str) -> int:
-    server = Server(Path(folder), float(idle_timeout_s))
-    signal.signal(signal.SIGINT, _ignore_between_sweeps)  # a sweep's command installs its own
-    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), server.requests.put(None)))
-    try:
-        server.start()
-        server.serve()
-    except (SlotsweepError, OSError) as exc:  # `slotsweep up` shows this last line
-        print(f"error: {one_line(exc)}", flush=True)
-        return 2
-    finally:
-        server.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))

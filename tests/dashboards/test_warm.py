@@ -21,8 +21,8 @@ from processes import alive, descendants
 
 from core.errors import SlotsweepError
 from core.names import WARM_DIR_ENV
-from orchestrator import warm_client
-from orchestrator.warm_client import differences, forward, key
+from orchestrator import warm as warm_client
+from orchestrator.warm import differences, forward, key
 
 
 @pytest.fixture
