@@ -57,8 +57,8 @@ class Server:
         self.folder, self.idle_timeout_s = folder, idle_timeout_s
         self.key = key()  # before anything below sets an environment variable
         self.requests: queue.Queue[tuple[socket.socket, list[str]] | None] = queue.Queue()
-        self.busy = threading.Event()  # a sweep runs: other requests are refused
-        self.current: socket.socket | None = None
+        self.busy = threading.Event()  # a sweep runs (or is claimed): others are refused
+        self.claim = threading.Lock()
         self.stopping = threading.Event()
 
     def start(self) -> None:
@@ -109,20 +109,22 @@ class Server:
                 send(conn, {"stopping": True})
             conn.close()
             return
-        why = None
-        if "argv" not in request or "key" not in request:
-            why = "not a request"
-        elif self.busy.is_set():
-            why = "it is running another sweep"
-        elif diff := differences(self.key, request["key"]):
-            why = (f"it was started with another {', '.join(diff[:4])} (`slotsweep down`, "
-                   f"then `slotsweep up` here)")
+        with self.claim:  # two clients at once: one runs, the other is told
+            why = None
+            if "argv" not in request or "key" not in request:
+                why = "not a request"
+            elif self.busy.is_set() or self.stopping.is_set():
+                why = "it is running another sweep"
+            elif diff := differences(self.key, request["key"]):
+                why = (f"it was started with another {', '.join(diff[:4])} (`slotsweep down`, "
+                       f"then `slotsweep up` here)")
+            else:
+                self.busy.set()
         if why is not None:
             with contextlib.suppress(OSError):
                 send(conn, {"refused": why})
             conn.close()
             return
-        self.busy.set()
         self.requests.put((conn, list(request["argv"])))
 
     def serve(self) -> None:

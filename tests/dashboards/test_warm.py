@@ -223,3 +223,29 @@ def _use_the_server(folder: Path, tmp_path: Path, env: dict[str, str], pid: int)
         time.sleep(0.2)
     assert not alive(server_processes), "processes left behind"
     assert not (folder / warm_client.SOCKET).exists()
+
+
+def test_local_ray_lets_a_trial_take_an_idle_preloaded_worker(monkeypatch):
+    """Tune gives trial actors the runtime env {"env_vars": {"PL_DISABLE_FORK": "1"}}; Ray then
+    starts a fresh worker instead of an idle one. start_local_ray sets the variable in the
+    driver (workers inherit it) and drops it from Tune's actor env; with ``preload``, every
+    listed module exists (Ray would only log a failed preload)."""
+    import importlib
+
+    import ray
+    from ray.tune.execution import class_cache
+
+    from orchestrator import warm
+
+    monkeypatch.delenv("PL_DISABLE_FORK", raising=False)
+    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", {"PL_DISABLE_FORK": "1"})
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    warm.start_local_ray(preload=True, log_to_driver=False)
+    assert os.environ["PL_DISABLE_FORK"] == "1" and class_cache.DEFAULT_ENV_VARS == {}
+    assert calls[0]["address"] == "local" and calls[0]["log_to_driver"] is False
+    assert calls[0]["_system_config"] == {"preload_python_modules": list(warm.PRELOAD)}
+    for module in warm.PRELOAD:
+        importlib.import_module(module)
+    warm.start_local_ray()
+    assert calls[1]["_system_config"] is None
