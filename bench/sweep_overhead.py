@@ -51,9 +51,12 @@ def main() -> None:
                              "already running (RAY_ADDRESS=auto, mlflow.tracking_uri)")
     parser.add_argument("--warm", action="store_true",
                         help="--startup: with the warm server of `slotsweep up` running")
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="--warm: seconds between the server's Ray restart after a sweep "
+                             "and the next sweep (0: at once, as a script would)")
     args = parser.parse_args()
     if args.startup:
-        startup(args.runs, args.standing, args.warm)
+        startup(args.runs, args.standing, args.warm, args.settle)
         return
 
     n = args.trials
@@ -99,7 +102,7 @@ def _sweep(tmp: str, name: str, trials: int, concurrency: int) -> tuple[float, l
     return seconds, overrides
 
 
-def startup(runs: int, standing: bool = False, warm: bool = False) -> None:
+def startup(runs: int, standing: bool = False, warm: bool = False, settle: float = 10.0) -> None:
     from mlflow import MlflowClient
 
     from orchestrator.mlflow_server import LocalServer
@@ -138,7 +141,7 @@ def startup(runs: int, standing: bool = False, warm: bool = False) -> None:
                            capture_output=True)
             starts.append(start)
             if warm:
-                _wait_for_fresh_ray(Path(tmp) / "warm" / "server.log", i + 1)
+                _wait_for_fresh_ray(Path(tmp) / "warm" / "server.log", i + 1, settle)
         if server is None:
             server = stack.enter_context(LocalServer.start(Path(tmp) / "mlflow"))
         client = MlflowClient(server.uri)
@@ -155,7 +158,8 @@ def startup(runs: int, standing: bool = False, warm: bool = False) -> None:
             phases.append((parent - start, trial - parent, first[-1] - (trial - start)))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores"
           + ("; Ray and MLflow already running" if standing else "")
-          + ("; the warm server of `slotsweep up` running" if warm else ""))
+          + (f"; the warm server of `slotsweep up` running (each sweep {settle:g} s after its "
+             f"Ray restart)" if warm else ""))
     print(f"bad sweep file -> its one-line error: {error_s:.1f} s")
     print(f"command -> first trial step, first run (makes data and cache): {first[0]:.1f} s")
     if runs > 1:
@@ -167,15 +171,13 @@ def startup(runs: int, standing: bool = False, warm: bool = False) -> None:
         print(f"  run {i}: {up:.1f} s / {trial:.1f} s / {step:.1f} s")
 
 
-def _wait_for_fresh_ray(log: Path, sweeps: int, timeout: float = 60) -> None:
-    """Until the warm server's log says Ray is ready again after its ``sweeps``-th sweep."""
+def _wait_for_fresh_ray(log: Path, sweeps: int, settle: float, timeout: float = 60) -> None:
+    """Until the warm server's log says Ray is ready again after its ``sweeps``-th sweep, then
+    ``settle`` seconds more: its idle workers import torch and Lightning after Ray answers."""
     deadline = time.time() + timeout
     while log.read_text().count("ray: ready") < sweeps + 1 and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(SETTLE_S)  # its idle workers import torch and Lightning after Ray answers
-
-
-SETTLE_S = 10.0
+    time.sleep(settle)
 
 
 if __name__ == "__main__":
