@@ -42,7 +42,9 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser(
         "sweep", help="run a sweep file on Ray Tune (local Ray, embedded MLflow by default)",
         description="Run a sweep. key=value after the file overrides sweep fields (trials=8, "
-        "concurrency=1, resources.gpus_per_trial=0.5) or, for any other key, the trials' config.",
+        "concurrency=1, resources.gpus_per_trial=0.5) or, for any other key, the trials' config. "
+        "With `slotsweep up` running for this folder, the sweep runs in that warm server and "
+        "its first trial starts in seconds.",
     )
     sweep.add_argument("file", help="sweep YAML (a path, or a name in sweeps/)")
     sweep.add_argument("overrides", nargs="*", help="key=value")

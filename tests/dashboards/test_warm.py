@@ -85,6 +85,7 @@ def test_the_client_prints_what_the_server_says_and_sends_it_ctrl_c(folder, caps
         warm_client.send(conn, {"exit": 130})
 
     thread = _scripted(folder, script)
+    before = signal.getsignal(signal.SIGINT)  # (an earlier in-process sweep may leave Tune's)
     assert forward(["sweep", "quickstart", "trials=2"]) == 130
     thread.join(5)
     assert seen["request"]["argv"] == ["sweep", "quickstart", "trials=2"]
@@ -93,7 +94,7 @@ def test_the_client_prints_what_the_server_says_and_sends_it_ctrl_c(folder, caps
     out, err = capsys.readouterr()
     assert out == "warm server (pid 4242): Ray and MLflow are up\nsweep s: table\n"
     assert err == "slotsweep: warning: w\n"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler given back
 
 
 def test_a_refusal_is_one_line_and_the_sweep_runs_here(folder, capsys):
@@ -159,6 +160,22 @@ def test_up_then_sweeps_in_the_server_ctrl_c_resume_and_down(folder, tmp_path):
     assert "the warm server did not start" in failed.stderr
 
 
+def _long_sweep(name: str, sweep: list[str], env: dict[str, str],
+                tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A 400-step sweep started as a client, once its trial has written its first checkpoint."""
+    log = tmp_path / f"{name}.log"
+    with log.open("w") as out:
+        client = subprocess.Popen(
+            [sys.executable, "-m", "dashboards.cli", *sweep, f"name={name}",
+             "trainer.max_steps=400"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    trials = tmp_path / "storage" / name / "trials"
+    deadline = time.monotonic() + 300
+    while not any(trials.glob("*/checkpoints/step=4.ckpt")):
+        assert client.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return client, log
+
+
 def _use_the_server(folder: Path, tmp_path: Path, env: dict[str, str], pid: int) -> None:
     again = _slotsweep("up", env=env, cwd=tmp_path)
     assert again.returncode == 0 and f"already running (pid {pid}" in again.stdout
@@ -173,16 +190,8 @@ def _use_the_server(folder: Path, tmp_path: Path, env: dict[str, str], pid: int)
     assert record["complete"] is True and record["best"]["step"] == 4
     assert record["mlflow"]["embedded_store"] == str(tmp_path / "mlflow")
 
-    log = tmp_path / "cut.log"
-    with log.open("w") as out:
-        client = subprocess.Popen(
-            [sys.executable, "-m", "dashboards.cli", *sweep, "name=cut", "trainer.max_steps=400"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    client, log = _long_sweep("cut", sweep, env, tmp_path)
     checkpoints = tmp_path / "storage" / "cut" / "trials"
-    deadline = time.monotonic() + 300
-    while not any(checkpoints.glob("*/checkpoints/step=4.ckpt")):
-        assert client.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
     start = time.monotonic()
     client.send_signal(signal.SIGINT)
     assert client.wait(timeout=120) == 130, log.read_text()[-3000:]
@@ -203,16 +212,7 @@ def _use_the_server(folder: Path, tmp_path: Path, env: dict[str, str], pid: int)
     assert "warm server (pid" not in alone.stdout
 
     # `slotsweep down` while the server runs a sweep: the sweep stops as by Ctrl-C
-    log = tmp_path / "last.log"
-    with log.open("w") as out:
-        client = subprocess.Popen(
-            [sys.executable, "-m", "dashboards.cli", *sweep, "name=last", "trainer.max_steps=400"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    checkpoints = tmp_path / "storage" / "last" / "trials"
-    deadline = time.monotonic() + 300
-    while not any(checkpoints.glob("*/checkpoints/step=4.ckpt")):
-        assert client.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    client, log = _long_sweep("last", sweep, env, tmp_path)
     server_processes = descendants(pid) | {pid}
     stopped = _slotsweep("down", env=env, cwd=tmp_path)
     assert stopped.returncode == 0 and stopped.stdout == f"warm server (pid {pid}) stopped\n"
