@@ -79,15 +79,12 @@ def _sweep_with_report(args: argparse.Namespace) -> int:
     """The sweep, in the warm server when one runs for this folder (``slotsweep up``), or
     here."""
     from orchestrator.cli import sweep_command
-    from orchestrator.spec import load_sweep
     from orchestrator.warm import forward
 
-    load_sweep(args.file, list(args.overrides))  # a bad file: its one line here, at once
-    code = forward(["sweep", args.file, *args.overrides, *["--resume"] * args.resume,
-                    *["--no-report"] * args.no_report])
-    if code is not None:
-        return code
-    return sweep_command(args, on_progress=None if args.no_report else _refresh)
+    return sweep_command(
+        args, on_progress=None if args.no_report else _refresh,
+        hand_off=lambda: forward(["sweep", args.file, *args.overrides, *["--resume"] * args.resume,
+                                  *["--no-report"] * args.no_report]))
 
 
 def build_top_parser() -> argparse.ArgumentParser:

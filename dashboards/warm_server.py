@@ -74,7 +74,7 @@ class Server:
         quiet_ray()
         sweep.WARM_MLFLOW = LocalServer.start(mlflow_root())
         sweep.WARM_MLFLOW.keep_alive()
-        start_local_ray(preload=True, log_to_driver=False, logging_level=logging.WARNING)
+        _start_ray()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         (self.folder / SOCKET).unlink(missing_ok=True)
         self.listener.bind(str(self.folder / SOCKET))
@@ -185,7 +185,7 @@ class Server:
         import ray
 
         ray.shutdown()
-        start_local_ray(preload=True, log_to_driver=False, logging_level=logging.WARNING)
+        _start_ray()
         print("ray: ready", flush=True)
 
     def close(self) -> None:
@@ -216,6 +216,11 @@ def _log_streams_to(stream: Any) -> Any:
     finally:
         for handler, old in zip(handlers, before, strict=True):
             handler.setStream(old)
+
+
+def _start_ray() -> None:
+    """The server's Ray: idle workers that have imported what a trial imports."""
+    start_local_ray(preload=True, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _ignore_between_sweeps(signum: int, frame: Any) -> None:

@@ -22,13 +22,18 @@ from core.errors import SlotsweepError
 from orchestrator.downstream import add_evaluate_sweep
 
 
-def sweep_command(args: argparse.Namespace, on_progress: Any = None) -> int:
+def sweep_command(args: argparse.Namespace, on_progress: Any = None,
+                  hand_off: Callable[[], int | None] | None = None) -> int:
     """``on_progress``: see :func:`orchestrator.sweep.run_sweep` (the layer above passes its
-    report builder)."""
+    report builder). ``hand_off``: called once the file is valid; an exit code means the sweep
+    ran elsewhere (the warm server), None that it runs here."""
     from orchestrator.spec import load_sweep
 
     load_sweep(args.file, list(args.overrides))  # a bad file fails here, in a fraction of a second,
     # before Ray, MLflow and torch are imported (~10 s)
+    code = hand_off() if hand_off is not None else None
+    if code is not None:
+        return code
     from orchestrator.sweep import run_sweep, shutdown_ray
 
     try:

@@ -2,7 +2,7 @@
 server they start (the server itself, which runs the top-level command: dashboards.warm_server);
 and the local Ray instance a sweep starts, whose trial takes an idle worker.
 
-A sweep started from scratch spends ~12 s on a 2-core machine before its first trial trains:
+A sweep started from scratch spends ~14 s on a 2-core machine before its first trial trains:
 the MLflow server, Ray's processes and the trial's process importing torch and Lightning. The
 warm server has all three ready; ``slotsweep sweep`` here (same folder, same environment) sends
 it the command line and prints what it prints, so the first step comes in a few seconds.
@@ -14,7 +14,7 @@ Protocol: one JSON object per line over the server's Unix socket. The client sen
 (the sweep stops as it would in the client's own process); a client that hangs up counts as
 Ctrl-C. ``{"stop": true}`` asks an idle server to shut down.
 
-Stdlib only at import: ``slotsweep sweep`` decides here, before Ray, MLflow or torch is imported.
+No Ray, MLflow or torch at import: ``slotsweep sweep`` decides here, before any of them loads.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.data.prepare import cache_root
 from core.errors import SlotsweepError
-from core.names import CACHE_ENV, WARM_DIR_ENV
+from core.names import WARM_DIR_ENV
 
 # What a sweep's result depends on besides its command line: where data, caches and MLflow
 # stores are, which cluster and devices, how many threads. A request from an environment that
@@ -47,8 +48,7 @@ SERVING = False  # True in the warm server's own process
 
 def state_dir() -> Path:
     """The warm server's folder: its socket, ``server.json`` and ``server.log``."""
-    default = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "slotsweep")) / "warm"
-    return Path(os.environ.get(WARM_DIR_ENV, default)).expanduser().resolve()
+    return Path(os.environ.get(WARM_DIR_ENV, cache_root() / "warm")).expanduser().resolve()
 
 
 def key() -> dict[str, Any]:
@@ -151,7 +151,6 @@ def up(idle_timeout_s: float) -> int:
               f"`slotsweep down` stops it")
         return 0
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / SOCKET).unlink(missing_ok=True)
     start = time.monotonic()
     with open(folder / LOG_FILE, "wb") as log:  # this start's log only
         process = subprocess.Popen(
